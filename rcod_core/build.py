@@ -1,0 +1,121 @@
+"""Assemble a runnable :class:`~rcod_core.pipeline.RCODPipeline` from base models, a spec and weights.
+
+Order matters for precision: adapters are injected and loaded in fp32, merged (default), and only
+then moved to the device and cast.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import adapters
+from .models import BaseModels, build_models, randomize_lora
+from .pipeline import RCODPipeline
+from .prompting import VisualPromptEncoder
+from .spec import ModelSpec
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def load_partial_state(model: nn.Module, state: StateDict, what: str, required_substrings: tuple[str, ...] = ("lora",)) -> None:
+    """Load ``state`` into ``model``; every key must exist with the right shape, and every model
+    key containing one of ``required_substrings`` must be provided. Raises ``ValueError`` naming keys."""
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ValueError(f"{what}: {len(unexpected)} key(s) not in the model, e.g. {unexpected[:3]}")
+    missing = [k for k in own if any(s in k for s in required_substrings) and k not in state]
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} expected key(s) missing, e.g. {missing[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(
+                f"{what}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                f"(wrong LoRA rank or another base model?)"
+            )
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def layout_from_spec(spec: ModelSpec, base: BaseModels) -> adapters.LoraLayout:
+    """The spec's module lists, or the OSEDiff rule applied to this UNet/VAE when the spec has none."""
+    groups = spec.unet_lora_groups or adapters.osediff_unet_groups(base.unet)
+    vae_modules = spec.vae_lora_modules or adapters.osediff_vae_modules(base.vae)
+    return adapters.LoraLayout(groups, vae_modules, spec.rank_unet, spec.rank_vae, spec.lora_alpha)
+
+
+def assemble(
+    base: BaseModels,
+    spec: ModelSpec,
+    unet_state: Optional[StateDict] = None,
+    vae_state: Optional[StateDict] = None,
+    projection_state: Optional[StateDict] = None,
+    merge: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    lora_generator: torch.Generator | None = None,
+) -> RCODPipeline:
+    """OSEDiff-layout model (RCOD_O / OSEDiff) from base models and its trained weights.
+
+    ``unet_state`` / ``vae_state`` use the release's key names (peft names, e.g.
+    ``conv_in.base_layer.weight``, ``...to_q.lora_A.default_encoder.weight``). With no state and a
+    ``lora_generator``, the LoRA gets seeded random weights (tests, demos, benchmarks).
+    The base models are modified in place (adapters injected); pass fresh ones.
+    """
+    if spec.kind not in ("rcod_o", "osediff"):
+        raise ValueError(f"assemble() builds OSEDiff-layout models (rcod_o, osediff), got kind {spec.kind!r}")
+    if base.family not in ("sd21_base", "tiny", "custom"):
+        raise ValueError(f"a {spec.kind} model needs an SD 2.1-base model, got base family {base.family!r}")
+    unet, vae = base.unet.float(), base.vae.float()
+    layout = layout_from_spec(spec, base)
+    adapters.apply_layout(unet, vae, layout)
+    if lora_generator is not None:
+        randomize_lora(unet, lora_generator)
+        randomize_lora(vae, lora_generator)
+    if unet_state is not None:
+        load_partial_state(unet, unet_state, "state_dict_unet", ("lora", "conv_in"))
+    if vae_state is not None:
+        load_partial_state(vae, vae_state, "state_dict_vae", ("lora",))
+    if merge:
+        adapters.merge_lora(unet)
+        adapters.merge_lora(vae)
+
+    prompt_encoder = None
+    if spec.uses_vpim:
+        if base.clip_vision is None:
+            raise ValueError(f"a {spec.kind} model needs a CLIP vision model for VPIM")
+        prompt_encoder = VisualPromptEncoder(base.clip_vision.float(), unet.config.cross_attention_dim, spec.vpim_preprocess)
+        if projection_state is not None:
+            load_partial_state(prompt_encoder.projection, projection_state, "state_dict_proj", ("weight", "bias"))
+        elif lora_generator is not None:
+            with torch.no_grad():
+                for p in prompt_encoder.projection.parameters():
+                    p.copy_(torch.randn(p.shape, generator=lora_generator) * 0.05)
+    return RCODPipeline(
+        unet, vae, prompt_encoder, spec, base.scheduler_config,
+        device=device, dtype=dtype, vae_dtype=vae_dtype, prompt_embeds=prompt_embeds,
+    )
+
+
+def tiny_pipeline(
+    kind: str = "rcod_o",
+    seed: int = 0,
+    merge: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **spec_overrides,
+) -> RCODPipeline:
+    """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs."""
+    spec = ModelSpec.for_kind(kind, base="tiny", **spec_overrides)
+    base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
+    generator = torch.Generator().manual_seed(seed + 1)
+    prompt_embeds = None
+    if not spec.uses_vpim:
+        prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
+    return assemble(base, spec, merge=merge, device=device, dtype=dtype, lora_generator=generator, prompt_embeds=prompt_embeds)

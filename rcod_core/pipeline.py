@@ -1,0 +1,278 @@
+"""The one-step RCOD pipeline: LR → upscale → VAE encode → one UNet pass at t → x0 → decode.
+
+Images are ``(B, 3, H, W)`` float tensors in [0, 1] in and out. Device, dtype, timestep and seed
+are arguments; nothing is a hidden flag on the models. The pieces are public functions so that the
+ComfyUI nodes, the CLI and the trainer call the same code:
+
+* :func:`one_step` — ε prediction at t with VPIM tokens, then Eq. 3/4;
+* :meth:`RCODPipeline.encode` / :meth:`~RCODPipeline.prompt` / :meth:`~RCODPipeline.denoise` /
+  :meth:`~RCODPipeline.decode` — the stages;
+* :meth:`RCODPipeline.__call__` — all of them, batched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouping import resolve_realism
+from .schedule import X0Mode, alphas_cumprod, check_timestep, x0_alpha_bar, x0_from_eps
+from .spec import ModelSpec
+
+Resampler = Literal["bicubic", "bilinear", "nearest", "area"]
+RESAMPLERS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
+LatentMode = Literal["mode", "sample"]
+MAX_SCALE = 8.0
+Realism = Union[str, int, Sequence[int], torch.Tensor]
+
+
+def validate_images(images: torch.Tensor, name: str = "images", channels: int = 3) -> None:
+    """Raise ``ValueError`` unless ``images`` is a finite float (B, channels, H, W) tensor in [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, {channels}, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise ValueError(f"{name} must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(images.shape)}")
+    lo, hi = torch.aminmax(images.detach().float())
+    lo, hi = float(lo), float(hi)  # one sync per call, at the entry
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or Inf")
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"{name} values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+def output_size(height: int, width: int, scale: float | None = None, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Target (H, W): ``round(scale · side)`` for a scale in [1, 8], or an explicit ``size=(H, W)``."""
+    if size is not None:
+        if scale is not None:
+            raise ValueError("give either scale or size, not both")
+        h, w = (int(v) for v in size)
+        if h < 1 or w < 1:
+            raise ValueError(f"size must be positive (H, W), got {size!r}")
+        return h, w
+    scale = 4.0 if scale is None else float(scale)
+    if not (1.0 <= scale <= MAX_SCALE):
+        raise ValueError(f"scale must be in [1, {MAX_SCALE:g}], got {scale!r}")
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], resampler: Resampler = "bicubic") -> torch.Tensor:
+    """Resize to ``size`` with a named resampler, clamped to [0, 1] (bicubic overshoots)."""
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {RESAMPLERS}, got {resampler!r}")
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    kwargs = {}
+    if resampler in ("bicubic", "bilinear"):
+        kwargs = {"align_corners": False, "antialias": True}
+    return F.interpolate(images, size=size, mode=resampler, **kwargs).clamp(0.0, 1.0)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad H and W (bottom/right) up to a multiple; returns the padded tensor and (H, W).
+
+    Falls back to edge replication where a side is too short to reflect.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def one_step(
+    unet: nn.Module,
+    z_l: torch.Tensor,
+    timesteps: torch.Tensor,
+    tokens: torch.Tensor,
+    alpha_bar: torch.Tensor,
+) -> torch.Tensor:
+    """One-step SR in latent space (Eq. 3/4): ``(z_L − sqrt(1−ᾱ) ε_θ(z_L; t, c)) / sqrt(ᾱ)``.
+
+    ``timesteps`` (B,) go to the UNet's timestep embedding, ``alpha_bar`` (B,) to the conversion.
+    The conversion runs in float32 whatever the UNet dtype.
+    """
+    eps = unet(z_l, timesteps, encoder_hidden_states=tokens, return_dict=False)[0]
+    return x0_from_eps(z_l.float(), eps.float(), alpha_bar)
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move to device, cast only when needed (diffusers warns on every dtype ``.to``), eval mode."""
+    module = module.to(device=device)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module = module.to(dtype=dtype)
+    return module.eval()
+
+
+@dataclass
+class StageOutput:
+    """What :meth:`RCODPipeline.run` returns beside the images (for UIs and logs)."""
+
+    images: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class RCODPipeline:
+    """A loaded RCOD-family model, ready to upscale.
+
+    Args:
+        unet, vae: diffusers models (LoRA merged or not).
+        prompt_encoder: a :class:`~rcod_core.prompting.VisualPromptEncoder` (VPIM) or ``None`` for the
+            text-conditioned bases, which then need ``prompt_embeds``.
+        spec: the model's :class:`~rcod_core.spec.ModelSpec`.
+        scheduler_config: diffusers scheduler config of the base (for ᾱ_t).
+        device, dtype: where and in which precision the UNet and CLIP run.
+        vae_dtype: precision of the VAE (default ``dtype``; fp32 avoids fp16 VAE overflow).
+        prompt_embeds: fixed conditioning tokens (1, N, D) for the bases (text embeddings).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        prompt_encoder: Optional[nn.Module],
+        spec: ModelSpec,
+        scheduler_config: dict | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype or dtype
+        self.unet = _place(unet, self.device, dtype)
+        self.vae = _place(vae, self.device, self.vae_dtype)
+        self.prompt_encoder = _place(prompt_encoder, self.device, dtype) if prompt_encoder is not None else None
+        cross_dim = int(self.unet.config.cross_attention_dim)
+        if self.prompt_encoder is not None and self.prompt_encoder.cross_attention_dim != cross_dim:
+            raise ValueError(
+                f"VPIM projection outputs {self.prompt_encoder.cross_attention_dim} features but the UNet's "
+                f"cross_attention_dim is {cross_dim}; the CLIP model/projection does not fit this base"
+            )
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cross_dim:
+                raise ValueError(f"prompt_embeds must have shape (1, N, {cross_dim}), got {tuple(prompt_embeds.shape)}")
+            prompt_embeds = prompt_embeds.to(self.device, dtype)
+        self.prompt_embeds = prompt_embeds
+        if self.prompt_encoder is None and prompt_embeds is None:
+            raise ValueError("the pipeline needs a VPIM prompt_encoder or fixed prompt_embeds for conditioning")
+        self.alphas_cumprod = alphas_cumprod(scheduler_config)
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    # -- configuration -------------------------------------------------------------------------
+    def to_channels_last(self) -> "RCODPipeline":
+        """Use channels_last memory for the convolution-heavy UNet and VAE (a GPU speed-up)."""
+        self.unet.to(memory_format=torch.channels_last)
+        self.vae.to(memory_format=torch.channels_last)
+        return self
+
+    def compile(self, mode: str | None = None, **kwargs) -> "RCODPipeline":
+        """``torch.compile`` the UNet and the VAE encoder/decoder (and CLIP), in place."""
+        self.unet = torch.compile(self.unet, mode=mode, **kwargs)
+        self.vae.encoder = torch.compile(self.vae.encoder, mode=mode, **kwargs)
+        self.vae.decoder = torch.compile(self.vae.decoder, mode=mode, **kwargs)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.vision_model = torch.compile(self.prompt_encoder.vision_model, mode=mode, **kwargs)
+        return self
+
+    # -- timesteps -----------------------------------------------------------------------------
+    def resolve_timesteps(self, realism: Realism, batch_size: int) -> torch.Tensor:
+        """Preset name, integer t, or one t per sample → int64 (B,) on CPU, validated."""
+        if self.spec.fixed_timestep is not None:
+            return torch.full((batch_size,), self.spec.fixed_timestep, dtype=torch.int64)
+        if isinstance(realism, str):
+            t = torch.tensor([resolve_realism(realism, self.spec.preset_style)])
+        else:
+            t = check_timestep(realism, name="realism")
+        if t.numel() == 1:
+            t = t.expand(batch_size)
+        if t.numel() != batch_size:
+            raise ValueError(f"realism gives {t.numel()} timesteps for a batch of {batch_size}")
+        return t.clone()
+
+    def alpha_bar_for(self, timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
+        mode = x0_mode or self.spec.x0_mode
+        return x0_alpha_bar(timesteps, mode, self.alphas_cumprod, self.spec.fixed_alpha_bar)
+
+    # -- stages --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prompt(self, images: torch.Tensor) -> torch.Tensor:
+        """Conditioning tokens for (B, 3, H, W) images in [0, 1]: VPIM, or the fixed embeddings."""
+        if self.prompt_encoder is None:
+            return self.prompt_embeds.expand(images.shape[0], -1, -1)
+        return self.prompt_encoder(images.to(self.device))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] whose sides are multiples of the latent factor → scaled latents (fp32)."""
+        x = images.to(self.device, self.vae_dtype) * 2.0 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        if latent == "mode":
+            z = dist.mode()
+        elif latent == "sample":
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else None, dtype=dist.mean.dtype).to(dist.mean.device)
+        else:
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
+        return ((z.float() - self.shift_factor) * self.scaling_factor)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        z_l: torch.Tensor,
+        tokens: torch.Tensor,
+        timesteps: torch.Tensor,
+        x0_mode: X0Mode | None = None,
+    ) -> torch.Tensor:
+        """One UNet pass at ``timesteps`` (B,) and the x0 conversion; fp32 latents out."""
+        alpha_bar = self.alpha_bar_for(timesteps, x0_mode)
+        t = timesteps.to(self.device)
+        return one_step(self.unet, z_l.to(self.device, self.dtype), t, tokens.to(self.device, self.dtype), alpha_bar)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images in [0, 1] (float32)."""
+        z = z.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
+        x = self.vae.decode(z, return_dict=False)[0]
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # -- all together --------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(
+        self,
+        images: torch.Tensor,
+        realism: Realism = "neutral",
+        scale: float | None = None,
+        size: tuple[int, int] | None = None,
+        x0_mode: X0Mode | None = None,
+        resampler: Resampler = "bicubic",
+        latent: LatentMode = "mode",
+        generator: torch.Generator | None = None,
+    ) -> StageOutput:
+        """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used."""
+        validate_images(images)
+        timesteps = self.resolve_timesteps(realism, images.shape[0])
+        out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
+        lr = resize(images.to(self.device, torch.float32), (out_h, out_w), resampler)
+        tokens = self.prompt(lr)
+        padded, _ = pad_to_multiple(lr, self.latent_factor)
+        z_l = self.encode(padded, latent, generator)
+        z_h = self.denoise(z_l, tokens, timesteps, x0_mode)
+        out = self.decode(z_h)[..., :out_h, :out_w]
+        return StageOutput(images=out, timesteps=timesteps)
+
+    def __call__(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Same as :meth:`run`, returning only the images."""
+        return self.run(images, **kwargs).images

@@ -1,0 +1,102 @@
+"""ModelSpec: the settings that, beside the weights, fully describe an RCOD-family model.
+
+A spec is plain data (JSON round-trip), stored in our checkpoints' metadata and shown to users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from .grouping import PresetStyle
+from .prompting import PREPROCESS_MODES, PreprocessMode
+from .schedule import BASE_TIMESTEP, OFFICIAL_ALPHA_BAR, X0_MODES, X0Mode
+
+ModelKind = Literal["rcod_o", "rcod_s", "osediff", "s3diff"]
+MODEL_KINDS: tuple[str, ...] = ("rcod_o", "rcod_s", "osediff", "s3diff")
+#: Base model family each kind was trained on.
+KIND_BASE = {"rcod_o": "sd21_base", "osediff": "sd21_base", "rcod_s": "sd_turbo", "s3diff": "sd_turbo"}
+#: Kinds conditioned by VPIM tokens (the bases use text embeddings).
+VPIM_KINDS = ("rcod_o", "rcod_s")
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    """How to run a model. Defaults reproduce the release for the kind (see :meth:`for_kind`)."""
+
+    kind: ModelKind = "rcod_o"
+    base: str = "sd21_base"
+    x0_mode: X0Mode = "official"
+    fixed_alpha_bar: Optional[float] = OFFICIAL_ALPHA_BAR["rcod_o"]
+    preset_style: PresetStyle = "official"
+    grouping_rule: str = "official"
+    grouping_n: int = 3
+    vpim_preprocess: PreprocessMode = "official"
+    rank_unet: int = 4
+    rank_vae: int = 4
+    lora_alpha: float = 8.0
+    unet_lora_groups: dict[str, list[str]] = field(default_factory=dict)
+    vae_lora_modules: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"ModelSpec.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.x0_mode not in X0_MODES:
+            raise ValueError(f"ModelSpec.x0_mode must be one of {X0_MODES}, got {self.x0_mode!r}")
+        if self.x0_mode == "official" and self.fixed_alpha_bar is None:
+            raise ValueError("ModelSpec.x0_mode 'official' needs fixed_alpha_bar")
+        if self.vpim_preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"ModelSpec.vpim_preprocess must be one of {PREPROCESS_MODES}, got {self.vpim_preprocess!r}")
+        if self.preset_style not in ("paper", "official"):
+            raise ValueError(f"ModelSpec.preset_style must be 'paper' or 'official', got {self.preset_style!r}")
+
+    @classmethod
+    def for_kind(cls, kind: ModelKind, **overrides: Any) -> "ModelSpec":
+        """The release's settings for a model kind, with optional overrides."""
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+        defaults: dict[str, Any] = {"kind": kind, "base": KIND_BASE[kind]}
+        if kind in ("rcod_o", "rcod_s"):
+            defaults.update(x0_mode="official", fixed_alpha_bar=OFFICIAL_ALPHA_BAR[kind])
+        else:
+            defaults.update(x0_mode="base", fixed_alpha_bar=None)
+        if kind in ("rcod_s", "s3diff"):
+            defaults.update(rank_unet=32, rank_vae=16)
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    @property
+    def uses_vpim(self) -> bool:
+        return self.kind in VPIM_KINDS
+
+    @property
+    def fixed_timestep(self) -> Optional[int]:
+        """The bases run at one timestep only."""
+        return BASE_TIMESTEP if self.kind in ("osediff", "s3diff") else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        return cls.from_dict(json.loads(text))
