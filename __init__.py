@@ -1,0 +1,11 @@
+"""ComfyUI entry point of the RCOD extension (custom_nodes/comfyui-rcod).
+
+ComfyUI imports this file as a package. The nodes live in ``nodes/`` and stay thin: all logic is in
+``rcod_core`` (which never imports ComfyUI).
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
