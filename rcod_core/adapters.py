@@ -76,11 +76,10 @@ class LoraLayout:
     """Everything needed to rebuild the adapters before loading trained LoRA weights."""
 
     unet_groups: dict[str, list[str]]
-    vae_modules: list[str]
+    vae_groups: dict[str, list[str]]
     rank_unet: int = 4
     rank_vae: int = 4
     lora_alpha: float = DEFAULT_LORA_ALPHA
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in (("rank_unet", self.rank_unet), ("rank_vae", self.rank_vae)):
@@ -104,32 +103,39 @@ def _check_modules_exist(model: nn.Module, modules: Sequence[str], what: str) ->
         )
 
 
-def apply_unet_lora(unet: nn.Module, groups: dict[str, list[str]], rank: int, alpha: float = DEFAULT_LORA_ALPHA) -> None:
-    """Inject the OSEDiff adapters into a diffusers UNet and activate all of them."""
+def apply_lora_groups(model: nn.Module, groups: dict[str, Sequence[str]], rank: int,
+                      alpha: float = DEFAULT_LORA_ALPHA, what: str = "model") -> None:
+    """Inject one peft adapter per group (exact module names) and activate all of them together."""
+    active = []
     for adapter, modules in groups.items():
         modules = dedupe(modules)
         if not modules:
             continue
-        _check_modules_exist(unet, modules, f"UNet adapter {adapter!r}")
+        _check_modules_exist(model, modules, f"{what} adapter {adapter!r}")
         with warnings.catch_warnings():  # several adapters on one model is the layout, not a mistake
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            unet.add_adapter(_lora_config(rank, alpha, modules), adapter_name=adapter)
-    unet.set_adapter([a for a, m in groups.items() if m])
-
-
-def apply_vae_lora(vae: nn.Module, modules: Sequence[str], rank: int, alpha: float = DEFAULT_LORA_ALPHA) -> None:
-    """Inject the VAE-encoder adapter ``default_encoder``."""
-    modules = dedupe(modules)
-    if not modules:
-        return
-    _check_modules_exist(vae, modules, "VAE encoder adapter")
-    vae.add_adapter(_lora_config(rank, alpha, modules), adapter_name=VAE_ADAPTER)
-    vae.set_adapter(VAE_ADAPTER)
+            model.add_adapter(_lora_config(rank, alpha, modules), adapter_name=adapter)
+        active.append(adapter)
+    if active:
+        # add_adapter activates only the adapter it adds; the release activates all (set_adapter)
+        model.set_adapter(active if len(active) > 1 else active[0])
 
 
 def apply_layout(unet: nn.Module, vae: nn.Module, layout: LoraLayout) -> None:
-    apply_unet_lora(unet, layout.unet_groups, layout.rank_unet, layout.lora_alpha)
-    apply_vae_lora(vae, layout.vae_modules, layout.rank_vae, layout.lora_alpha)
+    apply_lora_groups(unet, layout.unet_groups, layout.rank_unet, layout.lora_alpha, "UNet")
+    apply_lora_groups(vae, layout.vae_groups, layout.rank_vae, layout.lora_alpha, "VAE")
+
+
+def modules_from_state_dict(state: dict, adapter: str | None = None) -> dict[str, list[str]]:
+    """{adapter: [module names]} read off LoRA keys ``<module>.lora_A.<adapter>.weight``."""
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        if ".lora_A." in key:
+            module, _, rest = key.partition(".lora_A.")
+            name = rest.rsplit(".", 1)[0]
+            if adapter is None or name == adapter:
+                groups.setdefault(name, []).append(module)
+    return groups
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

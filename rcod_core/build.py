@@ -41,11 +41,23 @@ def load_partial_state(model: nn.Module, state: StateDict, what: str, required_s
             own[k].copy_(v.to(own[k].dtype))
 
 
+BASE_NAMES = {"sd21_base": "SD 2.1-base", "sd_turbo": "SD-Turbo"}
+
+
+def check_base_family(base: BaseModels, spec: ModelSpec) -> None:
+    """Refuse a base of the other family (e.g. an RCOD_S checkpoint on SD 2.1-base)."""
+    if base.family is not None and base.family != spec.base:
+        raise ValueError(
+            f"a {spec.kind} model needs a {BASE_NAMES.get(spec.base, spec.base)} base, "
+            f"but the given base is {BASE_NAMES.get(base.family, base.family)}"
+        )
+
+
 def layout_from_spec(spec: ModelSpec, base: BaseModels) -> adapters.LoraLayout:
     """The spec's module lists, or the OSEDiff rule applied to this UNet/VAE when the spec has none."""
     groups = spec.unet_lora_groups or adapters.osediff_unet_groups(base.unet)
-    vae_modules = spec.vae_lora_modules or adapters.osediff_vae_modules(base.vae)
-    return adapters.LoraLayout(groups, vae_modules, spec.rank_unet, spec.rank_vae, spec.lora_alpha)
+    vae_groups = spec.vae_lora_groups or {adapters.VAE_ADAPTER: adapters.osediff_vae_modules(base.vae)}
+    return adapters.LoraLayout(groups, vae_groups, spec.rank_unet, spec.rank_vae, spec.lora_alpha)
 
 
 def assemble(
@@ -70,8 +82,7 @@ def assemble(
     """
     if spec.kind not in ("rcod_o", "osediff"):
         raise ValueError(f"assemble() builds OSEDiff-layout models (rcod_o, osediff), got kind {spec.kind!r}")
-    if base.family not in ("sd21_base", "tiny", "custom"):
-        raise ValueError(f"a {spec.kind} model needs an SD 2.1-base model, got base family {base.family!r}")
+    check_base_family(base, spec)
     unet, vae = base.unet.float(), base.vae.float()
     layout = layout_from_spec(spec, base)
     adapters.apply_layout(unet, vae, layout)
@@ -112,7 +123,7 @@ def tiny_pipeline(
     **spec_overrides,
 ) -> RCODPipeline:
     """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs."""
-    spec = ModelSpec.for_kind(kind, base="tiny", **spec_overrides)
+    spec = ModelSpec.for_kind(kind, **spec_overrides)
     base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
     generator = torch.Generator().manual_seed(seed + 1)
     prompt_embeds = None

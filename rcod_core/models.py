@@ -60,7 +60,8 @@ class BaseModels:
     vae: nn.Module
     clip_vision: Optional[nn.Module]
     scheduler_config: dict
-    family: str = "custom"
+    #: the training family ("sd21_base" / "sd_turbo") when known; None for tiny/custom models
+    family: Optional[str] = None
 
     @property
     def latent_factor(self) -> int:
@@ -111,7 +112,7 @@ def build_models(
         vae=modules["vae"],
         clip_vision=modules.get("clip_vision"),
         scheduler_config=load_config(family, "scheduler"),
-        family=family,
+        family=family if family != "tiny" else None,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouping import resolve_realism
+from .grouping import make_rule, resolve_realism, select_timestep
 from .schedule import X0Mode, alphas_cumprod, check_timestep, x0_alpha_bar, x0_from_eps
 from .spec import ModelSpec
 
@@ -119,6 +119,8 @@ class StageOutput:
 
     images: torch.Tensor
     timesteps: torch.Tensor
+    #: MEM's predicted latent metric M_L per image (adaptive realism), else None
+    metric: Optional[torch.Tensor] = None
 
 
 class RCODPipeline:
@@ -169,6 +171,8 @@ class RCODPipeline:
             raise ValueError("the pipeline needs a VPIM prompt_encoder or fixed prompt_embeds for conditioning")
         self.alphas_cumprod = alphas_cumprod(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # pad so that the latent survives every UNet downsampling exactly (64 px for SD)
+        self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
@@ -189,10 +193,15 @@ class RCODPipeline:
         return self
 
     # -- timesteps -----------------------------------------------------------------------------
-    def resolve_timesteps(self, realism: Realism, batch_size: int) -> torch.Tensor:
-        """Preset name, integer t, or one t per sample → int64 (B,) on CPU, validated."""
+    def resolve_timesteps(self, realism: Realism, batch_size: int, metric: torch.Tensor | None = None) -> torch.Tensor:
+        """Preset name, integer t, one t per sample, or "adaptive" (t from ``metric`` by the spec's
+        grouping rule, Eq. 5/6) → int64 (B,) on CPU, validated."""
         if self.spec.fixed_timestep is not None:
             return torch.full((batch_size,), self.spec.fixed_timestep, dtype=torch.int64)
+        if isinstance(realism, str) and realism.strip().lower() == "adaptive":
+            if metric is None:
+                raise ValueError("adaptive realism needs the predicted latent metric (MEM)")
+            return select_timestep(metric.detach().cpu(), self.grouping_rule())
         if isinstance(realism, str):
             t = torch.tensor([resolve_realism(realism, self.spec.preset_style)])
         else:
@@ -202,6 +211,21 @@ class RCODPipeline:
         if t.numel() != batch_size:
             raise ValueError(f"realism gives {t.numel()} timesteps for a batch of {batch_size}")
         return t.clone()
+
+    def grouping_rule(self):
+        return make_rule(self.spec.grouping_rule, self.spec.grouping_n)
+
+    # -- per-image conditioning hooks (RCOD_S overrides them) -------------------------------------
+    def condition(self, lr: torch.Tensor) -> dict:
+        """Per-batch state computed from the original LR before the stages run (none here)."""
+        return {}
+
+    def estimate_metric(self, lr: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        """MEM's predicted latent metric M_L for each LR image."""
+        raise ValueError(
+            f"adaptive realism needs MEM weights (the metric estimation module), and this {self.spec.kind} "
+            f"model has none; choose a preset or t, or load an RCOD_S model with its MEM file"
+        )
 
     def alpha_bar_for(self, timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
         mode = x0_mode or self.spec.x0_mode
@@ -263,15 +287,20 @@ class RCODPipeline:
     ) -> StageOutput:
         """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used."""
         validate_images(images)
-        timesteps = self.resolve_timesteps(realism, images.shape[0])
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
-        lr = resize(images.to(self.device, torch.float32), (out_h, out_w), resampler)
+        images = images.to(self.device, torch.float32)
+        state = self.condition(images)
+        metric = None
+        if isinstance(realism, str) and realism.strip().lower() == "adaptive":
+            metric = self.estimate_metric(images, state)
+        timesteps = self.resolve_timesteps(realism, images.shape[0], metric)
+        lr = resize(images, (out_h, out_w), resampler)
         tokens = self.prompt(lr)
-        padded, _ = pad_to_multiple(lr, self.latent_factor)
+        padded, _ = pad_to_multiple(lr, self.size_multiple)
         z_l = self.encode(padded, latent, generator)
         z_h = self.denoise(z_l, tokens, timesteps, x0_mode)
         out = self.decode(z_h)[..., :out_h, :out_w]
-        return StageOutput(images=out, timesteps=timesteps)
+        return StageOutput(images=out, timesteps=timesteps, metric=metric)
 
     def __call__(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         """Same as :meth:`run`, returning only the images."""

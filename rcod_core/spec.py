@@ -39,8 +39,9 @@ class ModelSpec:
     rank_unet: int = 4
     rank_vae: int = 4
     lora_alpha: float = 8.0
+    #: LoRA adapters as {adapter name: [module names]}; empty = the kind's default layout.
     unet_lora_groups: dict[str, list[str]] = field(default_factory=dict)
-    vae_lora_modules: list[str] = field(default_factory=list)
+    vae_lora_groups: dict[str, list[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
@@ -56,6 +57,8 @@ class ModelSpec:
             raise ValueError("ModelSpec.x0_mode 'official' needs fixed_alpha_bar")
         if self.vpim_preprocess not in PREPROCESS_MODES:
             raise ValueError(f"ModelSpec.vpim_preprocess must be one of {PREPROCESS_MODES}, got {self.vpim_preprocess!r}")
+        if self.base not in ("sd21_base", "sd_turbo"):
+            raise ValueError(f"ModelSpec.base must be 'sd21_base' or 'sd_turbo', got {self.base!r}")
         if self.preset_style not in ("paper", "official"):
             raise ValueError(f"ModelSpec.preset_style must be 'paper' or 'official', got {self.preset_style!r}")
 

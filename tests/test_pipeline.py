@@ -130,7 +130,7 @@ def test_parity_with_plain_diffusers_reference(tiny_unmerged, lr_images):
         up = F.interpolate(x, size=(84, 108), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         clip_in = F.interpolate(up * 2 - 1, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
         tokens = proj(clip(pixel_values=clip_in).last_hidden_state)
-        padded = F.pad(up, (0, 112 - 108, 0, 88 - 84), mode="reflect")
+        padded = F.pad(up, (0, 128 - 108, 0, 96 - 84), mode="reflect")  # to the UNet's multiple, 32 px here
         z = vae.encode(padded * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
         eps = unet(z, torch.tensor([t, t]), encoder_hidden_states=tokens).sample
         z0 = (z - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
@@ -176,10 +176,10 @@ def test_mismatched_clip_and_unet_dims():
     base = build_models("tiny", seed=0)
     encoder = VisualPromptEncoder(base.clip_vision, cross_attention_dim=48)
     with pytest.raises(ValueError, match="cross_attention_dim is 32"):
-        RCODPipeline(base.unet, base.vae, encoder, ModelSpec.for_kind("rcod_o", base="tiny"), base.scheduler_config)
+        RCODPipeline(base.unet, base.vae, encoder, ModelSpec.for_kind("rcod_o"), base.scheduler_config)
 
 
 def test_rcod_o_refuses_turbo_base():
     base = build_models("sd_turbo", device="meta", with_clip=False)
-    with pytest.raises(ValueError, match="SD 2.1-base"):
+    with pytest.raises(ValueError, match="needs a SD 2.1-base base, but the given base is SD-Turbo"):
         assemble(base, ModelSpec.for_kind("rcod_o"))
