@@ -374,6 +374,10 @@ def convert(src: PathLike, dst: PathLike, extras: tuple[PathLike, ...] = (), met
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     """A JSON-able summary (format, kind, ranks, adapters, groups with tensor counts)."""
+    groups = {g: len(sd) for g, sd in checkpoint.groups.items()}
+    parameters = sum(v.numel() for sd in checkpoint.groups.values() for v in sd.values())
+    if checkpoint.source_format in ("rcod_s_mem", "de_net"):  # parts: no model settings of their own
+        return {"format": checkpoint.source_format, "groups": groups, "parameters": parameters}
     return {
         "format": checkpoint.source_format,
         "kind": checkpoint.spec.kind,
@@ -384,6 +388,6 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "rank_vae": checkpoint.spec.rank_vae,
         "unet_adapters": {a: len(m) for a, m in checkpoint.spec.unet_lora_groups.items()},
         "vae_adapters": {a: len(m) for a, m in checkpoint.spec.vae_lora_groups.items()},
-        "groups": {g: len(sd) for g, sd in checkpoint.groups.items()},
-        "parameters": sum(v.numel() for sd in checkpoint.groups.values() for v in sd.values()),
+        "groups": groups,
+        "parameters": parameters,
     }

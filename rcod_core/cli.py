@@ -80,7 +80,8 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         raise ValueError("--model is required (or --tiny-smoke for an offline smoke run)")
     from .loader import load_pipeline
 
-    return load_pipeline(args.model, base=args.base, clip=args.clip, device=device, dtype=dtype)
+    return load_pipeline(args.model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
+                         dtype=dtype, prompt=args.prompt)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -127,6 +128,41 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return min(failures, 125)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoints import convert, describe
+
+    dst = Path(args.output)
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"{dst} exists; pass --overwrite to replace it")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {dst.name!r}")
+    metadata = {k: v for k, v in (("base", args.base), ("clip", args.clip)) if v}
+    ckpt = convert(args.input, dst, tuple(args.extra or ()), metadata)
+    print(json.dumps({"written": str(dst), **describe(ckpt)}, indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoints import describe, load_checkpoint
+
+    print(json.dumps(describe(load_checkpoint(args.checkpoint)), indent=2))
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import TINY_SET, make_tiny
+
+    out = make_tiny(args.directory, seed=args.seed, overwrite=args.overwrite)
+    print(f"tiny random-weight model set (smoke tests only) in {Path(args.directory).resolve()}:")
+    for name, path in out.items():
+        print(f"  {name:26s} {TINY_SET[name]}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcod", description="RCOD one-step super-resolution with realism control")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,7 +173,11 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="RCOD / OSEDiff / S3Diff checkpoint (official pickle or our .safetensors)")
     up.add_argument("--base", help="base model: diffusers folder or single .safetensors/.ckpt file")
     up.add_argument("--clip", help="CLIP ViT-L/14 vision model: transformers folder or .safetensors")
-    up.add_argument("--realism", default="neutral", help="fidelity | neutral | realism | an integer t in [1, 999]")
+    up.add_argument("--extra", action="append", metavar="FILE",
+                    help="a separate part of the model: the release's MEM file or de_net.pth (repeatable)")
+    up.add_argument("--prompt", default="", help="text prompt for the text-conditioned bases (OSEDiff, S3Diff)")
+    up.add_argument("--realism", default="neutral",
+                    help="fidelity | neutral | realism | adaptive (MEM) | an integer t in [1, 999]")
     up.add_argument("--x0-mode", choices=["official", "paper", "base"], default=None,
                     help="x0 conversion (default: the model's own, see RCOD-notes)")
     scale = up.add_mutually_exclusive_group()
@@ -151,6 +191,25 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--tiny-smoke", action="store_true",
                     help="SMOKE RUN: build a tiny random-weight model instead of loading one (offline check)")
     up.set_defaults(func=cmd_upscale)
+
+    conv = sub.add_parser("convert", help="convert an official checkpoint to our single .safetensors")
+    conv.add_argument("input", help="official pickle (OSEDiff, S3Diff, RCOD_O, RCOD_S) or our file")
+    conv.add_argument("output", help="output .safetensors")
+    conv.add_argument("--extra", action="append", metavar="FILE", help="MEM file or de_net.pth to include (repeatable)")
+    conv.add_argument("--base", help="record this base model path in the file's metadata")
+    conv.add_argument("--clip", help="record this CLIP vision path in the file's metadata")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="recognise a checkpoint and print what it holds")
+    info.add_argument("checkpoint")
+    info.set_defaults(func=cmd_info)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random model set in every format (offline smoke tests)")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true")
+    tiny.set_defaults(func=cmd_make_tiny)
     return parser
 
 

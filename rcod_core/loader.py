@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .ldm_export import own_storage_
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, merge_checkpoints, read_file
 from .models import CONFIG_ROOT, BaseModels, build_clip_vision, family_dir, load_config
 from .spec import ModelSpec
@@ -118,6 +119,13 @@ def load_base(
         try:
             unet = UNet2DConditionModel.from_single_file(state, config=config_dir, subfolder="unet", local_files_only=True)
             vae = AutoencoderKL.from_single_file(state, config=config_dir, subfolder="vae", local_files_only=True)
+            missing = [n for n, t in [*unet.named_parameters(), *vae.named_parameters()] if t.is_meta]
+            if missing:
+                raise CheckpointError(f"{p}: the single file lacks weights, e.g. {missing[:3]}")
+            # views into the file's buffer are only 8-byte aligned; own copies make outputs identical
+            # to the same weights loaded from a diffusers folder (and release the file)
+            own_storage_(unet)
+            own_storage_(vae)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{p}: cannot convert the single-file base: {str(exc).splitlines()[0]}") from exc
         scheduler = load_config(family, "scheduler")
@@ -182,6 +190,9 @@ def load_clip_vision(path: PathLike) -> nn.Module:
     obj, _ = read_file(p)
     state = clip_vision_state(obj, p)
     model = build_clip_vision(_clip_config_from_weights(state, p))
+    if not any(k.startswith("vision_model.") for k in model.state_dict()):
+        # some transformers versions name the tower's parameters without the file prefix
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     own = model.state_dict()
     own_keys = {k for k in own if not k.endswith("position_ids")}
     missing, unexpected = sorted(own_keys - set(state)), sorted(set(state) - own_keys)
@@ -246,13 +257,22 @@ def load_pipeline(
             parts.append(load_checkpoint(beside))
     if parts:
         ckpt = merge_checkpoints(ckpt, *parts)
-    base = base or ckpt.metadata.get("base")
+    base = base or _metadata_path(ckpt, "base")
     if not base:
         raise ValueError(f"a base model is needed for {model} ({ckpt.spec.base}): pass base=/--base")
-    clip = clip or ckpt.metadata.get("clip")
+    clip = clip or _metadata_path(ckpt, "clip")
     if ckpt.spec.uses_vpim and not clip:
         raise ValueError(f"a CLIP ViT-L/14 vision model is needed for {model}: pass clip=/--clip")
     return pipeline_from_checkpoint(ckpt, base, clip, device=device, dtype=dtype, vae_dtype=vae_dtype, merge=merge, prompt=prompt)
+
+
+def _metadata_path(ckpt: Checkpoint, key: str) -> Optional[Path]:
+    """A base/CLIP path named in our file's metadata, relative to the checkpoint's folder."""
+    value = ckpt.metadata.get(key)
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() or ckpt.path is None else Path(ckpt.path).parent / path
 
 
 def pipeline_from_checkpoint(
