@@ -122,7 +122,13 @@ def tiny_pipeline(
     dtype: torch.dtype = torch.float32,
     **spec_overrides,
 ) -> RCODPipeline:
-    """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs."""
+    """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs.
+
+    RCOD_S / S3Diff get the release's file layout written by :mod:`rcod_core.tiny` (with MEM for
+    RCOD_S), so they run through exactly the loading path of real checkpoints.
+    """
+    if kind in ("rcod_s", "s3diff"):
+        return _tiny_s3_pipeline(kind, seed, device, dtype, **spec_overrides)
     spec = ModelSpec.for_kind(kind, **spec_overrides)
     base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -130,3 +136,24 @@ def tiny_pipeline(
     if not spec.uses_vpim:
         prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
     return assemble(base, spec, merge=merge, device=device, dtype=dtype, lora_generator=generator, prompt_embeds=prompt_embeds)
+
+
+def _tiny_s3_pipeline(kind: str, seed: int, device, dtype, **spec_overrides):
+    import dataclasses
+
+    from .checkpoints import canonicalize, merge_checkpoints
+    from .degradation import assemble_s3
+    from .tiny import de_net_state, mem_dict, s3diff_like_dict
+
+    ckpt = canonicalize(s3diff_like_dict(kind, seed), kind)
+    parts = [canonicalize(de_net_state(seed), "de_net")]
+    if kind == "rcod_s":
+        parts.append(canonicalize(mem_dict(seed), "rcod_s_mem"))
+    ckpt = merge_checkpoints(ckpt, *parts)
+    spec = dataclasses.replace(ckpt.spec, **spec_overrides) if spec_overrides else ckpt.spec
+    base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
+    prompt_embeds = None
+    if not spec.uses_vpim:
+        generator = torch.Generator().manual_seed(seed + 1)
+        prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
+    return assemble_s3(base, spec, ckpt.groups, device=device, dtype=dtype, prompt_embeds=prompt_embeds)

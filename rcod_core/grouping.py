@@ -120,19 +120,23 @@ def select_timestep(m_l: Union[float, Sequence[float], torch.Tensor], rule: Unio
     Returns an int64 tensor of shape ``(B,)`` on the device of ``m_l`` (CPU for Python numbers).
     """
     rule = make_rule(rule)
-    m = torch.as_tensor(m_l, dtype=torch.float64)
+    m = torch.as_tensor(m_l)
+    if not m.is_floating_point():
+        m = m.to(torch.float64)
     if m.ndim == 0:
         m = m.reshape(1)
     if not torch.isfinite(m).all():
         raise ValueError(f"m_l must be finite, got {m.tolist()}")
     if isinstance(rule, PaperRule):
-        # +1e-9: an M_L exactly on a group edge (e.g. 0.5) belongs to the upper group, as with the
-        # release's ">=" thresholds, despite rounding in (M_L - M_min) / (M_max - M_min).
-        group = torch.floor(rule.n * (m - rule.m_min) / (rule.m_max - rule.m_min) + 1e-9)
+        # +1e-6 (in group units): an M_L on a group edge (e.g. 0.5, 0.7 — also as float32) belongs
+        # to the upper group, as with the release's ">=" thresholds, despite rounding.
+        m64 = m.to(torch.float64)
+        group = torch.floor(rule.n * (m64 - rule.m_min) / (rule.m_max - rule.m_min) + 1e-6)
         group = group.clamp(0, rule.n - 1)
         t = (rule.k * (rule.n - group)).clamp(1, MAX_TIMESTEP)
         return t.to(torch.int64)
-    thresholds = torch.tensor(rule.thresholds, dtype=torch.float64, device=m.device)
+    # thresholds in the metric's own precision: float32(0.7) >= float32(0.7)
+    thresholds = torch.tensor(rule.thresholds, dtype=m.dtype, device=m.device)
     steps = torch.tensor(rule.timesteps, dtype=torch.int64, device=m.device)
     index = torch.bucketize(m, thresholds, right=True)  # number of thresholds <= m
     return steps[index]

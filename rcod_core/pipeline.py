@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grouping import make_rule, resolve_realism, select_timestep
+from .realism import blend_levels, gaussian_blur, level_weights, mask_to_t_map, metric_map, prepare_map
 from .schedule import X0Mode, alphas_cumprod, check_timestep, x0_alpha_bar, x0_from_eps
 from .spec import ModelSpec
 
@@ -118,9 +119,32 @@ class StageOutput:
     """What :meth:`RCODPipeline.run` returns beside the images (for UIs and logs)."""
 
     images: torch.Tensor
+    #: the timestep of each image, or the levels of a realism map
     timesteps: torch.Tensor
-    #: MEM's predicted latent metric M_L per image (adaptive realism), else None
+    #: MEM's predicted latent metric M_L per image (adaptive) or per pixel (auto-map), else None
     metric: Optional[torch.Tensor] = None
+    #: the per-pixel timestep map that was used (spatial realism), else None
+    t_map: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Prepared:
+    """The per-batch work before the UNet (see :meth:`RCODPipeline.prepare`)."""
+
+    images: torch.Tensor  # the LR batch on the device, float32
+    size: tuple[int, int]  # output (H, W)
+    state: dict  # per-batch conditioning (RCOD_S: degradation scores and features)
+    tokens: torch.Tensor
+    z_l: torch.Tensor
+
+
+@dataclass
+class RealismMap:
+    """An automatic realism map at LR resolution (see :meth:`RCODPipeline.realism_map`)."""
+
+    metric_map: torch.Tensor  # (B, 1, h, w) predicted M_L
+    t_map: torch.Tensor  # (B, 1, h, w) timestep per pixel (smoothed)
+    levels: list[int]
 
 
 class RCODPipeline:
@@ -274,6 +298,32 @@ class RCODPipeline:
 
     # -- all together --------------------------------------------------------------------------
     @torch.no_grad()
+    def prepare(
+        self,
+        images: torch.Tensor,
+        scale: float | None = None,
+        size: tuple[int, int] | None = None,
+        resampler: Resampler = "bicubic",
+        latent: LatentMode = "mode",
+        generator: torch.Generator | None = None,
+    ) -> "Prepared":
+        """Everything before the UNet, once per batch: validation, conditioning, upscale, VPIM
+        tokens, VAE encode. Sweeps and realism maps reuse it for every timestep."""
+        validate_images(images)
+        out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
+        images = images.to(self.device, torch.float32)
+        state = self.condition(images)
+        lr_up = resize(images, (out_h, out_w), resampler)
+        tokens = self.prompt(lr_up)
+        padded, _ = pad_to_multiple(lr_up, self.size_multiple)
+        z_l = self.encode(padded, latent, generator)
+        return Prepared(images, (out_h, out_w), state, tokens, z_l)
+
+    def finish(self, prepared: "Prepared", z_h: torch.Tensor) -> torch.Tensor:
+        out_h, out_w = prepared.size
+        return self.decode(z_h)[..., :out_h, :out_w]
+
+    @torch.no_grad()
     def run(
         self,
         images: torch.Tensor,
@@ -284,23 +334,111 @@ class RCODPipeline:
         resampler: Resampler = "bicubic",
         latent: LatentMode = "mode",
         generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+        mask_timesteps: tuple[Realism, Realism] = ("fidelity", "realism"),
+        t_map: torch.Tensor | None = None,
+        levels: Sequence[int] | None = None,
     ) -> StageOutput:
-        """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used."""
-        validate_images(images)
-        out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
-        images = images.to(self.device, torch.float32)
-        state = self.condition(images)
+        """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used.
+
+        ``realism``: a preset, an integer t, one t per image, ``"adaptive"`` (MEM picks t per image)
+        or ``"auto-map"`` (MEM per region, see :meth:`realism_map`). ``mask`` (in [0, 1], 0 →
+        ``mask_timesteps[0]``, 1 → ``mask_timesteps[1]``) or ``t_map`` (a timestep per pixel, run at
+        ``levels``) give a spatial realism map: one UNet pass per level, blended in latent space.
+        """
+        key = realism.strip().lower() if isinstance(realism, str) else None
+        if key == "auto-map" and (mask is not None or t_map is not None):
+            raise ValueError("realism='auto-map' computes its own map; do not pass mask or t_map as well")
+        if mask is not None and t_map is not None:
+            raise ValueError("give either mask or t_map, not both")
+        prepared = self.prepare(images, scale, size, resampler, latent, generator)
         metric = None
-        if isinstance(realism, str) and realism.strip().lower() == "adaptive":
-            metric = self.estimate_metric(images, state)
-        timesteps = self.resolve_timesteps(realism, images.shape[0], metric)
-        lr = resize(images, (out_h, out_w), resampler)
-        tokens = self.prompt(lr)
-        padded, _ = pad_to_multiple(lr, self.size_multiple)
-        z_l = self.encode(padded, latent, generator)
-        z_h = self.denoise(z_l, tokens, timesteps, x0_mode)
-        out = self.decode(z_h)[..., :out_h, :out_w]
-        return StageOutput(images=out, timesteps=timesteps, metric=metric)
+        if key == "auto-map":
+            rmap = self.realism_map(prepared.images, state=prepared.state)
+            t_map, levels, metric = rmap.t_map, rmap.levels, rmap.metric_map
+        if mask is not None or t_map is not None:
+            batch = prepared.z_l.shape[0]
+            if mask is not None:
+                lo, hi = (int(self.resolve_timesteps(v, 1)[0]) for v in mask_timesteps)
+                m = prepare_map(mask, batch, prepared.size, "mask")
+                m = mask_to_t_map(m, 0, 1)  # validates the [0, 1] range before feathering
+                m = gaussian_blur(m, sigma=self.latent_factor)  # feather over about one latent pixel
+                m = torch.where(m < 1e-6, torch.zeros_like(m), torch.where(m > 1 - 1e-6, torch.ones_like(m), m))
+                t_map, levels = mask_to_t_map(m, lo, hi), [lo, hi]
+            else:
+                t_map = prepare_map(t_map, batch, prepared.size, "t_map")
+                levels = sorted(set(int(v) for v in (levels or self.rule_levels())))
+                check_timestep(levels, name="levels")
+            z_h = self.denoise_map(prepared, t_map, levels, x0_mode)
+            timesteps = torch.tensor(levels, dtype=torch.int64)
+            return StageOutput(self.finish(prepared, z_h), timesteps, metric, t_map)
+        if key == "adaptive":
+            metric = self.estimate_metric(prepared.images, prepared.state)
+        timesteps = self.resolve_timesteps(realism, prepared.z_l.shape[0], metric)
+        z_h = self.denoise(prepared.z_l, prepared.tokens, timesteps, x0_mode)
+        return StageOutput(self.finish(prepared, z_h), timesteps, metric)
+
+    @torch.no_grad()
+    def denoise_map(self, prepared: "Prepared", t_map: torch.Tensor, levels: Sequence[int],
+                    x0_mode: X0Mode | None = None) -> torch.Tensor:
+        """One UNet pass per level, blended by the t-map's hat weights (skips levels with no weight)."""
+        weights = level_weights(t_map.to(self.device), levels)
+        batch = prepared.z_l.shape[0]
+        latents, used = [], []
+        for level, w in zip(sorted(levels), weights):
+            if float(w.max()) == 0.0:
+                continue
+            t = torch.full((batch,), int(level), dtype=torch.int64)
+            latents.append(self.denoise(prepared.z_l, prepared.tokens, t, x0_mode))
+            used.append(w)
+        padded = [F.pad(w, (0, prepared.z_l.shape[-1] * self.latent_factor - w.shape[-1],
+                            0, prepared.z_l.shape[-2] * self.latent_factor - w.shape[-2]), mode="replicate")
+                  for w in used]
+        return blend_levels(latents, torch.stack(padded))
+
+    @torch.no_grad()
+    def sweep(
+        self,
+        images: torch.Tensor,
+        timesteps: Sequence[Realism] = ("fidelity", "neutral", "realism"),
+        x0_mode: X0Mode | None = None,
+        **prepare_kwargs,
+    ) -> StageOutput:
+        """The same images at several timesteps: encode and VPIM once, UNet + decode per t.
+
+        Returns images of shape (K, B, 3, H', W') for K timesteps, and the K timesteps.
+        Each result equals a single :meth:`run` at that t (same batch, same kernels).
+        """
+        if not timesteps:
+            raise ValueError("timesteps must list at least one preset or t")
+        ts = [int(self.resolve_timesteps(t, 1)[0]) for t in timesteps]
+        prepared = self.prepare(images, **prepare_kwargs)
+        batch = prepared.z_l.shape[0]
+        outs = []
+        for t in ts:
+            z_h = self.denoise(prepared.z_l, prepared.tokens, torch.full((batch,), t, dtype=torch.int64), x0_mode)
+            outs.append(self.finish(prepared, z_h))
+        return StageOutput(torch.stack(outs), torch.tensor(ts, dtype=torch.int64))
+
+    def rule_levels(self) -> list[int]:
+        """The timesteps the spec's grouping rule can choose (the levels of a realism map)."""
+        rule = self.grouping_rule()
+        if hasattr(rule, "timesteps"):
+            return sorted(int(t) for t in rule.timesteps)
+        return sorted({min(rule.k * (rule.n - g), 999) for g in range(rule.n)})
+
+    @torch.no_grad()
+    def realism_map(self, images: torch.Tensor, tile: int = 64, overlap: int = 32, smooth: float | None = None,
+                    state: dict | None = None) -> "RealismMap":
+        """Automatic realism map: MEM per LR tile → M_L map → t per region (the grouping rule), smoothed.
+
+        Maps are at the LR resolution; edit and pass ``t_map=`` to :meth:`run` (it is resized).
+        """
+        images = images.to(self.device, torch.float32)
+        m_map = metric_map(lambda tiles: self.estimate_metric(tiles), images, tile, overlap)
+        groups = select_timestep(m_map.flatten().cpu(), self.grouping_rule()).view_as(m_map).float()
+        t_map = gaussian_blur(groups.to(self.device), smooth if smooth is not None else tile / 4)
+        return RealismMap(m_map, t_map, self.rule_levels())
 
     def __call__(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         """Same as :meth:`run`, returning only the images."""

@@ -47,6 +47,13 @@ def test_paper_rule_equals_eq5_inside_range():
         assert select_timestep(m, rule).item() == min(expected, 999)
 
 
+def test_edges_hold_in_float32():
+    m = torch.tensor([0.5, 0.7, 0.3], dtype=torch.float32)
+    assert select_timestep(m, "official").tolist() == [499, 249, 749]
+    assert select_timestep(m, "paper").tolist() == [500, 250, 750]
+    assert select_timestep(torch.tensor([0.3, 0.5, 0.7], dtype=torch.float32), ThresholdRule.official(4)).tolist() == [749, 499, 249]
+
+
 def test_official_thresholds():
     r3 = ThresholdRule.official(3)
     assert select_timestep([0.29, 0.3, 0.49, 0.5, 0.69, 0.7, 0.99], r3).tolist() == [749, 749, 749, 499, 499, 249, 249]
