@@ -259,9 +259,17 @@ class S3Pipeline(RCODPipeline):
     def condition(self, lr: torch.Tensor) -> dict:
         scores, features = self.degradation(lr)
         embedding = fourier_embedding(scores, self.w)
-        self.unet_slot.matrices = self.unet_guidance(embedding).to(self.dtype)
-        self.vae_slot.matrices = self.vae_guidance(embedding).to(self.vae_dtype)
-        return {"scores": scores, "features": features}
+        state = {"scores": scores, "features": features,
+                 "unet_matrices": self.unet_guidance(embedding).to(self.dtype),
+                 "vae_matrices": self.vae_guidance(embedding).to(self.vae_dtype)}
+        self.select_sample(state, None)
+        return state
+
+    def select_sample(self, state: dict, index: Optional[int]) -> None:
+        """Point the LoRA layers at one image's matrices (tiled stages) or the whole batch's."""
+        pick = slice(None) if index is None else slice(index, index + 1)
+        self.unet_slot.matrices = state["unet_matrices"][pick]
+        self.vae_slot.matrices = state["vae_matrices"][pick]
 
     @torch.no_grad()
     def estimate_metric(self, lr: torch.Tensor, state: dict | None = None) -> torch.Tensor:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
 from .grouping import make_rule, resolve_realism, select_timestep
+from .memory import TilePlan, choose_tile
+from .tiling import Cancelled, tiled_apply, tiled_decode, tiled_encode
 from .realism import blend_levels, gaussian_blur, level_weights, mask_to_t_map, metric_map, prepare_map
 from .schedule import X0Mode, alphas_cumprod, check_timestep, x0_alpha_bar, x0_from_eps
 from .spec import ModelSpec
@@ -30,6 +33,45 @@ RESAMPLERS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
 LatentMode = Literal["mode", "sample"]
 MAX_SCALE = 8.0
 Realism = Union[str, int, Sequence[int], torch.Tensor]
+TileSpec = Union[str, int, None]
+ProgressFn = Optional[Callable[[int, int], None]]
+CancelFn = Optional[Callable[[], bool]]
+
+
+class Tracker:
+    """Progress over stages and tiles of one call: ``progress(done, total)`` after every unit (a
+    whole-batch stage or a tile; the total grows as stages are planned), ``cancel()`` checked
+    between units (raises :class:`~rcod_core.tiling.Cancelled`)."""
+
+    def __init__(self, progress: ProgressFn = None, cancel: CancelFn = None):
+        self.progress, self.cancel = progress, cancel
+        self.done = self.total = 0
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("cancelled by the caller")
+
+    def step(self, n: int = 1) -> None:
+        """Count ``n`` finished units of a stage that was not planned in advance."""
+        self.total += n
+        self.advance(n)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done))
+
+    def stage(self) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` for one tiled call: its total joins ours on the first report."""
+        start, planned = self.done, []
+
+        def report(done: int, total: int) -> None:
+            if not planned:
+                planned.append(total)
+                self.total += total
+            self.advance(start + done - self.done)
+
+        return report
 
 
 def validate_images(images: torch.Tensor, name: str = "images", channels: int = 3) -> None:
@@ -133,9 +175,13 @@ class Prepared:
 
     images: torch.Tensor  # the LR batch on the device, float32
     size: tuple[int, int]  # output (H, W)
-    state: dict  # per-batch conditioning (RCOD_S: degradation scores and features)
+    state: dict  # per-batch conditioning (RCOD_S: degradation scores, features, LoRA matrices)
     tokens: torch.Tensor
     z_l: torch.Tensor
+    lr_up: Optional[torch.Tensor] = None  # the upscaled LR (the colour-fix reference)
+    plan: Optional[TilePlan] = None  # None = untiled
+    tracker: Tracker = None  # type: ignore[assignment]
+    color_fix: str = "none"
 
 
 @dataclass
@@ -244,6 +290,10 @@ class RCODPipeline:
         """Per-batch state computed from the original LR before the stages run (none here)."""
         return {}
 
+    def select_sample(self, state: dict, index: Optional[int]) -> None:
+        """Make the per-image conditioning of sample ``index`` current (``None``: the whole batch).
+        Tiled stages run one image at a time; nothing to do for the OSEDiff-layout models."""
+
     def estimate_metric(self, lr: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """MEM's predicted latent metric M_L for each LR image."""
         raise ValueError(
@@ -297,6 +347,29 @@ class RCODPipeline:
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- all together --------------------------------------------------------------------------
+    def plan_tiles(self, height: int, width: int, tile: TileSpec = "none", tile_overlap: int = 32,
+                   max_memory: int | None = None) -> Optional[TilePlan]:
+        """Tile sizes for a (padded) output of ``height`` × ``width``: ``"none"``, ``"auto"`` (the
+        largest tiles that fit ``max_memory`` bytes or the device's free memory; untiled when the
+        whole image fits) or an int latent tile (all stages; VAE encode tiles are ``tile`` × 8 px)."""
+        if tile is None or tile == "none":
+            return None
+        if tile == "auto":
+            bits = torch.finfo(self.dtype).bits
+            plan = choose_tile(height, width, budget=max_memory, dtype_bytes=bits // 8, device=self.device,
+                               latent_factor=self.latent_factor)
+            return plan if plan.tiled else None
+        if isinstance(tile, str):
+            if not tile.isdigit():
+                raise ValueError(f"tile must be 'none', 'auto' or a latent tile size in pixels, got {tile!r}")
+            tile = int(tile)
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16:
+            raise ValueError(f"tile must be at least 16 latent pixels, got {tile!r}")
+        if not 0 <= tile_overlap < tile:
+            raise ValueError(f"tile_overlap must be in [0, tile) = [0, {tile}), got {tile_overlap!r}")
+        f = self.latent_factor
+        return TilePlan(tile, tile_overlap, tile * f, tile_overlap * f, tile, tile_overlap)
+
     @torch.no_grad()
     def prepare(
         self,
@@ -306,22 +379,93 @@ class RCODPipeline:
         resampler: Resampler = "bicubic",
         latent: LatentMode = "mode",
         generator: torch.Generator | None = None,
+        tile: TileSpec = "none",
+        tile_overlap: int = 32,
+        max_memory: int | None = None,
+        color_fix: ColorFix = "none",
+        progress: ProgressFn = None,
+        cancel: CancelFn = None,
     ) -> "Prepared":
         """Everything before the UNet, once per batch: validation, conditioning, upscale, VPIM
-        tokens, VAE encode. Sweeps and realism maps reuse it for every timestep."""
+        tokens, VAE encode (tiled per the plan). Sweeps and realism maps reuse it for every t."""
         validate_images(images)
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if latent not in ("mode", "sample"):
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
+        tracker = Tracker(progress, cancel)
+        tracker.check()
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
         images = images.to(self.device, torch.float32)
         state = self.condition(images)
         lr_up = resize(images, (out_h, out_w), resampler)
         tokens = self.prompt(lr_up)
         padded, _ = pad_to_multiple(lr_up, self.size_multiple)
-        z_l = self.encode(padded, latent, generator)
-        return Prepared(images, (out_h, out_w), state, tokens, z_l)
+        plan = self.plan_tiles(padded.shape[-2], padded.shape[-1], tile, tile_overlap, max_memory)
+        tracker.check()
+        if plan is not None and plan.vae_encode_tile_px is not None:
+            z_l = self._encode_tiled(padded, plan, state, latent, generator, tracker)
+        else:
+            z_l = self.encode(padded, latent, generator)
+            tracker.step()
+        return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix)
+
+    def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Tracker) -> torch.Tensor:
+        latents = []
+        for i in range(padded.shape[0]):
+            self.select_sample(state, i)
+            x = padded[i : i + 1].to(self.device, self.vae_dtype) * 2.0 - 1.0
+            mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
+                                     progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
+            z = mean
+            if latent == "sample":
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                    device=generator.device if generator is not None else None)
+                z = mean + std * noise.to(mean.device)
+            latents.append((z.float() - self.shift_factor) * self.scaling_factor)
+        self.select_sample(state, None)
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def unet_step(self, prepared: "Prepared", timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
+        """One UNet pass + x0 for the prepared batch at ``timesteps`` (B,), tiled per the plan."""
+        plan, tracker = prepared.plan, prepared.tracker
+        tracker.check()
+        if plan is None or plan.latent_tile is None:
+            z_h = self.denoise(prepared.z_l, prepared.tokens, timesteps, x0_mode)
+            tracker.step()
+            return z_h
+        outs = []
+        for i in range(prepared.z_l.shape[0]):
+            self.select_sample(prepared.state, i)
+            tokens, t = prepared.tokens[i : i + 1], timesteps[i : i + 1]
+
+            def fn(tiles: torch.Tensor, boxes) -> torch.Tensor:
+                n = tiles.shape[0]
+                return self.denoise(tiles, tokens.expand(n, -1, -1), t.expand(n), x0_mode)
+
+            outs.append(tiled_apply(fn, prepared.z_l[i : i + 1], plan.latent_tile, plan.latent_overlap,
+                                    progress=tracker.stage(), cancel=tracker.cancel))
+        self.select_sample(prepared.state, None)
+        return torch.cat(outs)
 
     def finish(self, prepared: "Prepared", z_h: torch.Tensor) -> torch.Tensor:
+        """Decode (tiled per the plan), crop to the output size, colour-fix."""
         out_h, out_w = prepared.size
-        return self.decode(z_h)[..., :out_h, :out_w]
+        plan, tracker = prepared.plan, prepared.tracker
+        tracker.check()
+        if plan is not None and plan.vae_decode_tile_latent is not None:
+            z = z_h.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
+            x = tiled_decode(self.vae, z, plan.vae_decode_tile_latent, plan.vae_decode_overlap_latent,
+                             progress=tracker.stage(), cancel=tracker.cancel)
+            out = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        else:
+            out = self.decode(z_h)
+            tracker.step()
+        out = out[..., :out_h, :out_w]
+        if prepared.color_fix != "none":
+            out = apply_color_fix(out, prepared.lr_up, prepared.color_fix)
+        return out
 
     @torch.no_grad()
     def run(
@@ -338,6 +482,12 @@ class RCODPipeline:
         mask_timesteps: tuple[Realism, Realism] = ("fidelity", "realism"),
         t_map: torch.Tensor | None = None,
         levels: Sequence[int] | None = None,
+        tile: TileSpec = "none",
+        tile_overlap: int = 32,
+        max_memory: int | None = None,
+        color_fix: ColorFix = "none",
+        progress: ProgressFn = None,
+        cancel: CancelFn = None,
     ) -> StageOutput:
         """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used.
 
@@ -345,13 +495,18 @@ class RCODPipeline:
         or ``"auto-map"`` (MEM per region, see :meth:`realism_map`). ``mask`` (in [0, 1], 0 →
         ``mask_timesteps[0]``, 1 → ``mask_timesteps[1]``) or ``t_map`` (a timestep per pixel, run at
         ``levels``) give a spatial realism map: one UNet pass per level, blended in latent space.
+        ``tile`` ("none" | "auto" | latent px), ``tile_overlap``, ``max_memory`` (bytes, for "auto"):
+        bounded-memory tiling of all stages. ``color_fix``: "none" | "adain" | "wavelet" towards
+        the upscaled LR. ``progress(done, total)`` after every stage/tile; ``cancel()`` between them
+        (raises :class:`~rcod_core.tiling.Cancelled`; the model stays usable).
         """
         key = realism.strip().lower() if isinstance(realism, str) else None
         if key == "auto-map" and (mask is not None or t_map is not None):
             raise ValueError("realism='auto-map' computes its own map; do not pass mask or t_map as well")
         if mask is not None and t_map is not None:
             raise ValueError("give either mask or t_map, not both")
-        prepared = self.prepare(images, scale, size, resampler, latent, generator)
+        prepared = self.prepare(images, scale, size, resampler, latent, generator, tile, tile_overlap, max_memory,
+                                color_fix, progress, cancel)
         metric = None
         if key == "auto-map":
             rmap = self.realism_map(prepared.images, state=prepared.state)
@@ -375,7 +530,7 @@ class RCODPipeline:
         if key == "adaptive":
             metric = self.estimate_metric(prepared.images, prepared.state)
         timesteps = self.resolve_timesteps(realism, prepared.z_l.shape[0], metric)
-        z_h = self.denoise(prepared.z_l, prepared.tokens, timesteps, x0_mode)
+        z_h = self.unet_step(prepared, timesteps, x0_mode)
         return StageOutput(self.finish(prepared, z_h), timesteps, metric)
 
     @torch.no_grad()
@@ -389,7 +544,7 @@ class RCODPipeline:
             if float(w.max()) == 0.0:
                 continue
             t = torch.full((batch,), int(level), dtype=torch.int64)
-            latents.append(self.denoise(prepared.z_l, prepared.tokens, t, x0_mode))
+            latents.append(self.unet_step(prepared, t, x0_mode))
             used.append(w)
         padded = [F.pad(w, (0, prepared.z_l.shape[-1] * self.latent_factor - w.shape[-1],
                             0, prepared.z_l.shape[-2] * self.latent_factor - w.shape[-2]), mode="replicate")
@@ -416,7 +571,7 @@ class RCODPipeline:
         batch = prepared.z_l.shape[0]
         outs = []
         for t in ts:
-            z_h = self.denoise(prepared.z_l, prepared.tokens, torch.full((batch,), t, dtype=torch.int64), x0_mode)
+            z_h = self.unet_step(prepared, torch.full((batch,), t, dtype=torch.int64), x0_mode)
             outs.append(self.finish(prepared, z_h))
         return StageOutput(torch.stack(outs), torch.tensor(ts, dtype=torch.int64))
 

@@ -1,0 +1,134 @@
+"""How big the tiles may be: a per-pixel activation cost model and a memory budget → a :class:`TilePlan`.
+
+Cost model (activation memory only; weights are already resident). Numbers are *elements* per
+pixel, multiplied by the bytes of the dtype; estimated for Stable Diffusion 2.1 in fp16 from
+commonly reported peaks, rounded up, not measured here:
+
+* VAE decode peaks at about 2.5–3 GB at 512² output: 2.75e9 B / 512² px / 2 B ≈ 5,250 elements
+  per *output* pixel (several 128–256-channel full-resolution tensors alive at once plus the
+  convolution workspace). It is the largest cost per pixel and the usual cause of OOM.
+* VAE encode: the encoder has 2 rather than 3 ResNets per level; taken as ~3,800 elements per
+  *input* pixel (≈ 2 GB at 512²).
+* UNet: about 0.5 GB at a 64² latent in fp16 with PyTorch SDPA (memory linear in tokens):
+  0.5e9 B / 64² / 2 B ≈ 61,000 elements per *latent* pixel.
+
+The budget is the free memory (``torch.cuda.mem_get_info`` on CUDA; available RAM from
+``os.sysconf`` on CPU), times :data:`SAFETY`. Tiles are multiples of :data:`LATENT_QUANTUM` latent
+pixels so the UNet's downsamplings stay exact. Too small a budget still gets the smallest tiles
+(:data:`MIN_LATENT_TILE`); they may then not fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+#: activation elements per latent pixel for one UNet pass (SD 2.1, SDPA attention)
+UNET_ELEMENTS_PER_LATENT_PX = 61_000
+#: activation elements per output pixel for the VAE decoder (SD 2.1 VAE)
+VAE_DECODE_ELEMENTS_PER_PX = 5_250
+#: activation elements per input pixel for the VAE encoder (SD 2.1 VAE)
+VAE_ENCODE_ELEMENTS_PER_PX = 3_800
+#: fraction of the free memory a plan may use (allocator fragmentation, CLIP, the images)
+SAFETY = 0.8
+#: tile sides are multiples of this many latent pixels (the UNet downsamples 8×)
+LATENT_QUANTUM = 8
+MIN_LATENT_TILE = 32
+#: overlap as a fraction of the tile (the bases: 32 of 96 latent, i.e. 1/3)
+OVERLAP_FRACTION = 1 / 3
+#: CPU budget when the free RAM cannot be read
+CPU_FALLBACK_BUDGET = 16 * 2**30
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile sizes per stage; ``None`` = untiled. Sizes in the units of the stage's tiling call."""
+
+    latent_tile: Optional[int] = None  # UNet, latent pixels (tiled_apply tile)
+    latent_overlap: int = 0
+    vae_encode_tile_px: Optional[int] = None  # tiled_encode tile_px, image pixels
+    vae_encode_overlap_px: int = 0
+    vae_decode_tile_latent: Optional[int] = None  # tiled_decode tile_latent, latent pixels
+    vae_decode_overlap_latent: int = 0
+
+    @property
+    def tiled(self) -> bool:
+        return any(t is not None for t in (self.latent_tile, self.vae_encode_tile_px, self.vae_decode_tile_latent))
+
+
+def free_memory(device: torch.device | str | None = None) -> int:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available RAM on CPU."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return CPU_FALLBACK_BUDGET
+
+
+def _largest_tile(h: int, w: int, max_area: float, quantum: int, minimum: int) -> Optional[int]:
+    """None if the whole h × w fits in ``max_area``; else the largest tile (multiple of ``quantum``,
+    at least ``minimum``) whose tiles, ``min(t, h) × min(t, w)``, fit."""
+    if h * w <= max_area:
+        return None
+    best = minimum
+    t = quantum * math.ceil(max(h, w) / quantum)
+    while t > minimum:
+        if min(t, h) * min(t, w) <= max_area:
+            best = t
+            break
+        t -= quantum
+    return best
+
+
+def _overlap(tile: Optional[int], quantum: int) -> int:
+    if tile is None:
+        return 0
+    return min(tile - quantum, max(quantum, quantum * round(tile * OVERLAP_FRACTION / quantum)))
+
+
+def choose_tile(
+    out_h: int,
+    out_w: int,
+    budget: Optional[int] = None,
+    dtype_bytes: int = 2,
+    device: torch.device | str | None = None,
+    latent_factor: int = 8,
+    unet_elements: float = UNET_ELEMENTS_PER_LATENT_PX,
+    vae_decode_elements: float = VAE_DECODE_ELEMENTS_PER_PX,
+    vae_encode_elements: float = VAE_ENCODE_ELEMENTS_PER_PX,
+) -> TilePlan:
+    """Plan tiles for an ``out_h × out_w`` output so each stage's activations fit ``budget`` bytes.
+
+    ``budget=None`` reads :func:`free_memory` of ``device`` (× :data:`SAFETY`). Each stage is
+    checked on its own (they run one after another): untiled when the whole image fits, else the
+    largest tile that fits, never larger than the image. Smaller budget → tiles no larger.
+    """
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"output size must be positive, got ({out_h}, {out_w})")
+    if dtype_bytes not in (1, 2, 4, 8):
+        raise ValueError(f"dtype_bytes must be 1, 2, 4 or 8, got {dtype_bytes!r}")
+    if budget is None:
+        budget = int(free_memory(device) * SAFETY)
+    if budget <= 0:
+        raise ValueError(f"budget must be positive bytes, got {budget!r}")
+    f = latent_factor
+    lh, lw = math.ceil(out_h / f), math.ceil(out_w / f)
+    q = LATENT_QUANTUM
+    unet = _largest_tile(lh, lw, budget / (unet_elements * dtype_bytes), q, MIN_LATENT_TILE)
+    # VAE decode: the cost is per output pixel = latent pixel × f²
+    dec = _largest_tile(lh, lw, budget / (vae_decode_elements * dtype_bytes * f * f), q, MIN_LATENT_TILE)
+    enc_lat = _largest_tile(lh, lw, budget / (vae_encode_elements * dtype_bytes * f * f), q, MIN_LATENT_TILE)
+    return TilePlan(
+        latent_tile=unet,
+        latent_overlap=_overlap(unet, q),
+        vae_encode_tile_px=None if enc_lat is None else enc_lat * f,
+        vae_encode_overlap_px=_overlap(enc_lat, q) * f,
+        vae_decode_tile_latent=dec,
+        vae_decode_overlap_latent=_overlap(dec, q),
+    )
