@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .imageio import IMAGE_EXTENSIONS, LoadedImage, load_image, save_image
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,28 +32,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and globs → a de-duplicated list of files."""
-    found: list[Path] = []
-    for item in inputs:
-        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-        if not matches:
-            raise ValueError(f"input {item!r} matches no file")
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()))
-            elif p.exists():
-                found.append(p)
-            else:
-                raise ValueError(f"input {item!r} does not exist")
-    return list(dict.fromkeys(found))
-
-
-def output_path(out_dir: Path, source: Path, suffix: str = ".png") -> Path:
-    return out_dir / f"{source.stem}_rcod{suffix}"
-
-
 def _parse_realism(value: str):
     return int(value) if value.lstrip("+-").isdigit() else value
 
@@ -67,6 +42,24 @@ def _parse_size(value: str) -> tuple[int, int]:
         return int(h), int(w)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size must look like WIDTHxHEIGHT, e.g. 1024x768, got {value!r}")
+
+
+def _parse_tile(value: str):
+    if value in ("auto", "none"):
+        return value
+    if value.isdigit() and int(value) >= 16:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--tile must be auto, none or a latent tile size >= 16, got {value!r}")
+
+
+def _parse_bytes(value: str) -> int:
+    units = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "g": 2 ** 30, "gb": 2 ** 30}
+    v = value.strip().lower()
+    number = v.rstrip("kmgb")
+    try:
+        return int(float(number) * units[v[len(number):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"--max-memory must look like 6GB or 512MB, got {value!r}")
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -87,45 +80,59 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    device = resolve_device(args.device)
+    from .batch import expand_inputs, shard, upscale_files
+
+    state = _process_state()
+    device = resolve_device(args.device) if state is None or args.device != "auto" else state.device
     dtype = resolve_dtype(args.dtype, device)
     files = expand_inputs(args.inputs)
     if not files:
         print("no input images found", file=sys.stderr)
         return 1
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    mine = shard(files, index, count)
     pipe = build_pipeline(args, device, dtype)
-    realism = _parse_realism(args.realism)
-    failures = 0
-    for src in tqdm(files, desc="rcod upscale", unit="img", disable=args.quiet):
-        dst = output_path(out_dir, src)
-        try:
-            if dst.resolve() == src.resolve():
-                raise ValueError("output would overwrite the input")
-            if dst.exists() and not args.overwrite:
-                tqdm.write(f"skip {src}: {dst} exists (use --overwrite)")
-                continue
-            image = load_image(src)
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-            result = pipe.run(
-                image.rgb, realism=realism, scale=None if args.size else args.scale, size=args.size,
-                x0_mode=args.x0_mode, generator=generator,
-            )
-            alpha = None
-            if image.alpha is not None:
-                from .pipeline import resize
+    color = args.color_fix or pipe.spec.default_color_fix
+    bar = tqdm(total=len(mine), desc=f"rcod upscale [{index + 1}/{count}]" if count > 1 else "rcod upscale",
+               unit="img", disable=args.quiet or None, position=index)
 
-                alpha = resize(image.alpha, tuple(result.images.shape[-2:]), "bicubic")
-            save_image(dst, LoadedImage(result.images.cpu(), alpha, image.grayscale, image.bit_depth, image.icc_profile),
-                       overwrite=args.overwrite)
-            tqdm.write(f"{src} -> {dst} (t={result.timesteps.tolist()[0]})")
-        except (ValueError, OSError) as exc:
-            failures += 1
-            tqdm.write(f"FAILED {src}: {exc}")
-    if failures:
-        print(f"{failures} of {len(files)} image(s) failed", file=sys.stderr)
-    return min(failures, 125)
+    def report(res) -> None:
+        bar.update(1)
+        if res.status == "written":
+            extra = f", M_L={res.metric:.3f}" if res.metric is not None else ""
+            tqdm.write(f"{res.source} -> {res.output} (t={res.timesteps}{extra})")
+        elif res.status == "skipped":
+            tqdm.write(f"skip {res.source}: {res.message}")
+        else:
+            tqdm.write(f"FAILED {res.source}: {res.message}", file=sys.stderr)
+
+    results = upscale_files(
+        pipe, mine, Path(args.output), fmt=args.format, overwrite=args.overwrite, seed=args.seed, on_result=report,
+        realism=_parse_realism(args.realism), scale=None if args.size else args.scale, size=args.size,
+        x0_mode=args.x0_mode, tile=args.tile, tile_overlap=args.tile_overlap, max_memory=args.max_memory,
+        color_fix=color, resampler=args.resampler,
+    )
+    bar.close()
+    counts = {k: sum(r.status == k for r in results) for k in ("written", "skipped", "failed")}
+    if state is not None and count > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([counts])
+        counts = {k: sum(c[k] for c in gathered) for k in counts}
+        if not state.is_main_process:
+            return min(counts["failed"], 125)
+    print(f"rcod upscale: {counts['written']} written, {counts['skipped']} skipped, {counts['failed']} failed "
+          f"(of {len(files)})", file=sys.stderr)
+    return min(counts["failed"], 125)
+
+
+def _process_state():
+    """accelerate's process state when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -183,6 +190,16 @@ def make_parser() -> argparse.ArgumentParser:
     scale = up.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float, default=4.0, help="upscale factor in [1, 8] (default 4)")
     scale.add_argument("--size", type=_parse_size, help="target size WIDTHxHEIGHT instead of --scale")
+    up.add_argument("--tile", type=_parse_tile, default="auto",
+                    help="auto (fit --max-memory / free memory; untiled when it fits) | none | latent tile size")
+    up.add_argument("--tile-overlap", type=int, default=32, help="tile overlap in latent pixels (default 32)")
+    up.add_argument("--max-memory", type=_parse_bytes, default=None, help="memory budget for --tile auto, e.g. 6GB")
+    up.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
+                    help="colour correction towards the LR (default: the model family's, adain or wavelet)")
+    up.add_argument("--resampler", choices=["bicubic", "bilinear", "nearest", "area"], default="bicubic",
+                    help="classical resampler for the LR upscale before encoding (and alpha)")
+    up.add_argument("--format", choices=["png", "jpg", "webp", "tif", "same"], default="png",
+                    help="output format (16-bit inputs stay 16-bit in png/tif)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
     up.add_argument("--seed", type=int, default=0)
@@ -204,6 +221,10 @@ def make_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="recognise a checkpoint and print what it holds")
     info.add_argument("checkpoint")
     info.set_defaults(func=cmd_info)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in every format (offline smoke tests)")
     tiny.add_argument("directory")

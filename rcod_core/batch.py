@@ -1,0 +1,117 @@
+"""Upscale image files: one image with its alpha/gray/bit depth kept, or a list of files where a
+bad file is reported and skipped, outputs are never overwritten unless asked, and writes are atomic.
+
+Used by ``rcod upscale`` (also under ``accelerate launch``: :func:`shard` splits the list by process).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, save_image
+from .pipeline import RCODPipeline, StageOutput, resize
+
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tif", "same")
+
+
+@dataclass
+class FileResult:
+    source: Path
+    output: Optional[Path]
+    status: str  # "written" | "skipped" | "failed"
+    message: str = ""
+    timesteps: list[int] = field(default_factory=list)
+    metric: Optional[float] = None
+
+
+def upscale_image(pipe: RCODPipeline, image: LoadedImage, alpha_resampler: str = "bicubic",
+                  **run_kwargs) -> tuple[LoadedImage, StageOutput]:
+    """Run the model on an image's RGB; the alpha channel is upscaled separately with a classical
+    resampler and re-attached; grayscale, bit depth and ICC profile carry over. Refuses NaN/Inf."""
+    result = pipe.run(image.rgb, **run_kwargs)
+    if not torch.isfinite(result.images).all():
+        raise ValueError("the model produced NaN or Inf values (try --dtype fp32 or a float32 VAE)")
+    alpha = None
+    if image.alpha is not None:
+        alpha = resize(image.alpha.to(result.images.device), tuple(result.images.shape[-2:]), alpha_resampler)
+    out = LoadedImage(result.images.cpu(), None if alpha is None else alpha.cpu(), image.grayscale,
+                      image.bit_depth, image.icc_profile)
+    return out, result
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and globs → a de-duplicated list of files."""
+    found: list[Path] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            raise ValueError(f"input {item!r} matches no file")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()))
+            elif p.exists():
+                found.append(p)
+            else:
+                raise ValueError(f"input {item!r} does not exist")
+    return list(dict.fromkeys(found))
+
+
+def output_path(out_dir: Path, source: Path, fmt: str = "png") -> Path:
+    """``<out>/<stem>_rcod.<ext>``; ``fmt="same"`` keeps the input's format."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    suffix = source.suffix.lower() if fmt == "same" else f".{fmt}"
+    if suffix not in SAVE_FORMATS:
+        suffix = ".png"
+    return out_dir / f"{source.stem}_rcod{suffix}"
+
+
+def shard(files: Sequence[Path], index: int, count: int) -> list[Path]:
+    """The files process ``index`` of ``count`` handles (round robin over the sorted list)."""
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} outside [0, {count})")
+    return list(files[index::count])
+
+
+def upscale_files(
+    pipe: RCODPipeline,
+    files: Iterable[Path],
+    out_dir: Path,
+    fmt: str = "png",
+    overwrite: bool = False,
+    seed: int = 0,
+    on_result: Optional[Callable[[FileResult], None]] = None,
+    **run_kwargs,
+) -> list[FileResult]:
+    """Upscale each file into ``out_dir``. A file that fails is reported and skipped; an existing
+    output is skipped unless ``overwrite``; an output that would replace its input is refused."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for src in files:
+        dst = output_path(out_dir, src, fmt)
+        try:
+            if dst.resolve() == Path(src).resolve():
+                raise ValueError("the output would overwrite the input")
+            if dst.exists() and not overwrite:
+                res = FileResult(src, dst, "skipped", f"{dst} exists (use --overwrite)")
+            else:
+                generator = torch.Generator(device=pipe.device).manual_seed(seed)
+                image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                save_image(dst, image, overwrite=overwrite)
+                metric = result.metric
+                res = FileResult(src, dst, "written", "", result.timesteps.tolist(),
+                                 float(metric.float().mean()) if metric is not None else None)
+        except (ValueError, OSError) as exc:
+            res = FileResult(src, None, "failed", str(exc))
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+    return results
