@@ -1,4 +1,31 @@
 """ComfyUI nodes of the RCOD extension (classic node API). Each node is a thin wrapper over rcod_core."""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .common import register_rcod_folder
+from .loader import RCODModelLoader
+from .metric import RCODLatentMetric
+from .stages import RCODDecode, RCODDenoise, RCODEncode, RCODVisualPrompt
+from .upscale import RCODRealismSweep, RCODUpscale
+
+register_rcod_folder()
+
+NODE_CLASS_MAPPINGS = {
+    "RCODModelLoader": RCODModelLoader,
+    "RCODVisualPrompt": RCODVisualPrompt,
+    "RCODLatentMetric": RCODLatentMetric,
+    "RCODEncode": RCODEncode,
+    "RCODDenoise": RCODDenoise,
+    "RCODDecode": RCODDecode,
+    "RCODUpscale": RCODUpscale,
+    "RCODRealismSweep": RCODRealismSweep,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RCODModelLoader": "RCOD Model Loader",
+    "RCODVisualPrompt": "RCOD Visual Prompt (VPIM)",
+    "RCODLatentMetric": "RCOD Latent Metric",
+    "RCODEncode": "RCOD Encode",
+    "RCODDenoise": "RCOD One-Step Denoise",
+    "RCODDecode": "RCOD Decode",
+    "RCODUpscale": "RCOD Upscale",
+    "RCODRealismSweep": "RCOD Realism Sweep",
+}

@@ -271,6 +271,19 @@ class S3Pipeline(RCODPipeline):
         self.unet_slot.matrices = state["unet_matrices"][pick]
         self.vae_slot.matrices = state["vae_matrices"][pick]
 
+    @property
+    def has_mem(self) -> bool:
+        return self.mem is not None
+
+    def to(self, device: torch.device | str) -> "S3Pipeline":
+        super().to(device)
+        for name in ("de_net", "unet_guidance", "vae_guidance", "mem"):
+            module = getattr(self, name)
+            if module is not None:
+                module.to(self.device)
+        self.w = self.w.to(self.device)
+        return self
+
     @torch.no_grad()
     def estimate_metric(self, lr: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         if self.mem is None:

@@ -41,8 +41,10 @@ def safe_model_path(folder: PathLike, name: str) -> Path:
     parts = Path(name.replace("\\", "/")).parts
     if ".." in parts:
         raise ValueError(f"model name {name!r} must not contain '..'")
-    root = Path(folder).resolve()
-    path = (root / name).resolve()
+    # containment is checked on the path as written (.. and absolute names are refused above), so a
+    # model that is a symlink into another disk — common in ComfyUI setups — is allowed
+    root = Path(os.path.abspath(folder))
+    path = Path(os.path.normpath(root / name))
     if root != path and root not in path.parents:
         raise ValueError(f"model name {name!r} resolves outside {root}")
     if not path.exists():

@@ -12,6 +12,7 @@ ComfyUI nodes, the CLI and the trainer call the same code:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, Union
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
-from .grouping import make_rule, resolve_realism, select_timestep
+from .grouping import latent_metric, make_rule, resolve_realism, select_timestep
 from .memory import TilePlan, choose_tile
 from .tiling import Cancelled, tiled_apply, tiled_decode, tiled_encode
 from .realism import blend_levels, gaussian_blur, level_weights, mask_to_t_map, metric_map, prepare_map
@@ -182,6 +183,16 @@ class Prepared:
     plan: Optional[TilePlan] = None  # None = untiled
     tracker: Tracker = None  # type: ignore[assignment]
     color_fix: str = "none"
+
+
+@dataclass
+class Denoised:
+    """Latents after the timestep-controlled step (see :meth:`RCODPipeline.denoise_prepared`)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    metric: Optional[torch.Tensor] = None
+    t_map: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -500,19 +511,36 @@ class RCODPipeline:
         the upscaled LR. ``progress(done, total)`` after every stage/tile; ``cancel()`` between them
         (raises :class:`~rcod_core.tiling.Cancelled`; the model stays usable).
         """
+        prepared = self.prepare(images, scale, size, resampler, latent, generator, tile, tile_overlap, max_memory,
+                                color_fix, progress, cancel)
+        step = self.denoise_prepared(prepared, realism, x0_mode, mask, mask_timesteps, t_map, levels)
+        return StageOutput(self.finish(prepared, step.latents), step.timesteps, step.metric, step.t_map)
+
+    @torch.no_grad()
+    def denoise_prepared(
+        self,
+        prepared: "Prepared",
+        realism: Realism = "neutral",
+        x0_mode: X0Mode | None = None,
+        mask: torch.Tensor | None = None,
+        mask_timesteps: tuple[Realism, Realism] = ("fidelity", "realism"),
+        t_map: torch.Tensor | None = None,
+        levels: Sequence[int] | None = None,
+    ) -> "Denoised":
+        """The timestep-controlled step of :meth:`run` on a prepared batch (see there for the
+        arguments): one UNet pass per timestep/level, latents out (before :meth:`finish`)."""
         key = realism.strip().lower() if isinstance(realism, str) else None
         if key == "auto-map" and (mask is not None or t_map is not None):
             raise ValueError("realism='auto-map' computes its own map; do not pass mask or t_map as well")
         if mask is not None and t_map is not None:
             raise ValueError("give either mask or t_map, not both")
-        prepared = self.prepare(images, scale, size, resampler, latent, generator, tile, tile_overlap, max_memory,
-                                color_fix, progress, cancel)
+        self.select_sample(prepared.state, None)  # this batch's conditioning (another call may have set others)
+        batch = prepared.z_l.shape[0]
         metric = None
         if key == "auto-map":
             rmap = self.realism_map(prepared.images, state=prepared.state)
             t_map, levels, metric = rmap.t_map, rmap.levels, rmap.metric_map
         if mask is not None or t_map is not None:
-            batch = prepared.z_l.shape[0]
             if mask is not None:
                 lo, hi = (int(self.resolve_timesteps(v, 1)[0]) for v in mask_timesteps)
                 m = prepare_map(mask, batch, prepared.size, "mask")
@@ -525,13 +553,49 @@ class RCODPipeline:
                 levels = sorted(set(int(v) for v in (levels or self.rule_levels())))
                 check_timestep(levels, name="levels")
             z_h = self.denoise_map(prepared, t_map, levels, x0_mode)
-            timesteps = torch.tensor(levels, dtype=torch.int64)
-            return StageOutput(self.finish(prepared, z_h), timesteps, metric, t_map)
+            return Denoised(z_h, torch.tensor(levels, dtype=torch.int64), metric, t_map)
         if key == "adaptive":
             metric = self.estimate_metric(prepared.images, prepared.state)
-        timesteps = self.resolve_timesteps(realism, prepared.z_l.shape[0], metric)
-        z_h = self.unet_step(prepared, timesteps, x0_mode)
-        return StageOutput(self.finish(prepared, z_h), timesteps, metric)
+        timesteps = self.resolve_timesteps(realism, batch, metric)
+        return Denoised(self.unet_step(prepared, timesteps, x0_mode), timesteps, metric)
+
+    def with_tokens(self, prepared: "Prepared", tokens: Optional[torch.Tensor]) -> "Prepared":
+        """``prepared`` conditioned on other VPIM tokens (e.g. of a reference photo); batch 1 broadcasts."""
+        if tokens is None:
+            return prepared
+        batch = prepared.z_l.shape[0]
+        if tokens.shape[0] not in (1, batch):
+            raise ValueError(f"the prompt has {tokens.shape[0]} token sets for a batch of {batch}; give 1 or {batch}")
+        if tuple(tokens.shape[1:]) != tuple(prepared.tokens.shape[1:]):
+            raise ValueError(f"the prompt tokens have shape {tuple(tokens.shape[1:])}, this model needs "
+                             f"{tuple(prepared.tokens.shape[1:])}: make the prompt with the same model")
+        return dataclasses.replace(prepared, tokens=tokens.to(prepared.tokens).expand(batch, -1, -1))
+
+    @torch.no_grad()
+    def true_metric(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 on real data: M_L from the VAE latents of the LR (upscaled to the HR size) and the HR."""
+        validate_images(hr, "hr")
+        if hr.shape[0] != lr.shape[0]:
+            raise ValueError(f"hr has {hr.shape[0]} images for {lr.shape[0]} LR images")
+        prepared = self.prepare(lr, size=tuple(hr.shape[-2:]))
+        z_h = self.encode(pad_to_multiple(hr.to(self.device, torch.float32), self.size_multiple)[0])
+        return latent_metric(prepared.z_l, z_h)
+
+    @property
+    def has_mem(self) -> bool:
+        """Whether adaptive realism (MEM) is available."""
+        return False
+
+    def to(self, device: torch.device | str) -> "RCODPipeline":
+        """Move every module (e.g. offload to CPU between runs and back)."""
+        self.device = torch.device(device)
+        for name in ("unet", "vae", "prompt_encoder"):
+            module = getattr(self, name)
+            if module is not None:
+                module.to(self.device)
+        if self.prompt_embeds is not None:
+            self.prompt_embeds = self.prompt_embeds.to(self.device)
+        return self
 
     @torch.no_grad()
     def denoise_map(self, prepared: "Prepared", t_map: torch.Tensor, levels: Sequence[int],

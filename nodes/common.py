@@ -1,0 +1,162 @@
+"""What every RCOD node shares: ComfyUI adapters (model folders, progress, interrupts, devices),
+BHWC <-> BCHW, and turning rcod_core's ValueErrors into node errors. No RCOD logic lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, Optional
+
+import torch
+
+try:  # pip-installed (pip install -e .) or already importable
+    import rcod_core  # noqa: F401
+except ImportError:  # git clone into custom_nodes/ + `pip install -r requirements.txt`: use this folder's copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import rcod_core  # noqa: F401
+
+import folder_paths  # ComfyUI's (or the test's stand-in)
+import comfy.model_management as model_management
+import comfy.utils
+
+CATEGORY = "RCOD"
+MODEL = "RCOD_MODEL"
+PROMPT = "RCOD_PROMPT"
+#: the LATENT key where RCOD Encode keeps what Denoise/Decode need (ComfyUI's latent nodes copy extra keys)
+LATENT_KEY = "rcod"
+
+PRESETS = ("Fidelity", "Neutral", "Realism", "Adaptive", "Custom")
+#: what the t widget shows for a preset (the model may use the release's 249/499/749: the node reports it)
+PRESET_T = {"Fidelity": 250, "Neutral": 500, "Realism": 750}
+X0_MODES = ("model default", "official", "paper", "base")
+CHECKPOINT_EXTENSIONS = {".safetensors", ".pkl", ".pth", ".pt", ".ckpt", ".bin", ".sft"}
+
+
+# -- model folders ------------------------------------------------------------------------------------
+
+def register_rcod_folder() -> None:
+    """Register ``models/rcod`` beside any paths already configured (extra_model_paths.yaml)."""
+    default = os.path.join(folder_paths.models_dir, "rcod")
+    entry = folder_paths.folder_names_and_paths.get("rcod")
+    paths = list(entry[0]) if entry else []
+    if default not in paths:
+        paths.append(default)
+    extensions = set(entry[1]) if entry and entry[1] else set()
+    folder_paths.folder_names_and_paths["rcod"] = (paths, extensions | CHECKPOINT_EXTENSIONS)
+
+
+def folders(kind: str) -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(kind))
+    except KeyError:
+        return []
+
+
+def model_files(kind: str) -> list[str]:
+    try:
+        return sorted(folder_paths.get_filename_list(kind))
+    except KeyError:
+        return []
+
+
+def model_dirs(kind: str, marker: str) -> list[str]:
+    """Sub-folders (any depth ≤ 2) of the ``kind`` folders that contain ``marker`` (a model folder)."""
+    found = set()
+    for root in folders(kind):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            depth = os.path.relpath(dirpath, root).count(os.sep)
+            if marker in filenames and dirpath != root:
+                found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []
+            elif depth >= 1:
+                dirnames[:] = []
+    return sorted(found)
+
+
+def resolve_model(kind: str, name: str, what: str) -> str:
+    """A combo value → a path inside one of the ``kind`` folders (``rcod_core.loader.safe_model_path``)."""
+    from rcod_core.loader import safe_model_path
+
+    roots = folders(kind)
+    for root in roots:
+        try:
+            return str(safe_model_path(root, name))
+        except FileNotFoundError:
+            continue
+    raise ValueError(f"{what} {name!r} not found in the '{kind}' model folders {roots}")
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, C) → (B, 3, H, W) float32; rcod_core validates the values."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise ValueError(f"IMAGE must be a (B, H, W, C) tensor, got {getattr(image, 'shape', type(image).__name__)}")
+    return image[..., :3].permute(0, 3, 1, 2).float()
+
+
+def to_bhwc(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 2, 3, 1).contiguous().float().cpu()
+
+
+# -- progress, interrupts, errors -----------------------------------------------------------------
+
+class Progress:
+    """A ``comfy.utils.ProgressBar`` behind rcod_core's ``progress(done, total)`` / ``cancel()`` hooks."""
+
+    def __init__(self, total: int = 1):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update_absolute(done, total)
+
+    @staticmethod
+    def cancel() -> bool:
+        model_management.throw_exception_if_processing_interrupted()  # raises on interrupt
+        return False
+
+
+@contextlib.contextmanager
+def node_errors(node: str) -> Iterator[None]:
+    """rcod_core's ValueError / FileNotFoundError → a one-line ValueError naming the node."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"{node}: {exc}") from None
+
+
+def realism_value(preset: str, t: int):
+    """The ``realism`` argument of rcod_core for the preset combo + t widget."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    return int(t) if preset == "Custom" else preset.lower()
+
+
+def x0_value(x0_mode: str) -> Optional[str]:
+    return None if x0_mode == "model default" else x0_mode
+
+
+def realism_inputs(default: str = "Neutral") -> dict:
+    return {
+        "preset": (list(PRESETS), {"default": default, "tooltip":
+                   "Fidelity / Neutral / Realism = t 250 / 500 / 750 (larger t: more generated detail). "
+                   "Adaptive: MEM estimates M_L and picks t per image (needs an RCOD_S model with MEM). "
+                   "Custom: use t below."}),
+        "t": ("INT", {"default": PRESET_T.get(default, 500), "min": 1, "max": 999, "step": 1, "tooltip":
+              "UNet timestep for Custom (1-999). Choosing a preset sets it; editing it switches to Custom."}),
+        "x0_mode": (list(X0_MODES), {"default": "model default", "tooltip":
+                    "x0 conversion (Eq. 3/4): 'official' fixed alpha-bar (release weights), 'paper' alpha-bar_t, "
+                    "'base' t=999 (OSEDiff/S3Diff). 'model default' uses the checkpoint's setting."}),
+    }
+
+
+def ui_values(t: torch.Tensor, metric: Optional[torch.Tensor] = None) -> dict:
+    """``{"ui": ...}`` payload shown on the node by web/js/rcod.js."""
+    ui = {"rcod_t": [int(v) for v in t.reshape(-1).tolist()]}
+    if metric is not None:
+        ui["rcod_m_l"] = [round(float(v), 4) for v in metric.reshape(-1).tolist()]
+    return ui

@@ -1,0 +1,108 @@
+"""RCOD Model Loader: checkpoint + base + CLIP vision → RCOD_MODEL (rcod_core.loader.load_pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+
+from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_management, node_errors, resolve_model
+
+AUTO = "auto (from checkpoint)"
+NONE = "none"
+CACHE_SIZE = 2  # e.g. an RCOD_O and an OSEDiff loader in one workflow, without reloading either
+_cache: "OrderedDict[tuple, object]" = OrderedDict()
+log = logging.getLogger("rcod")
+
+
+def base_choices() -> list[str]:
+    return [AUTO, *(f"checkpoints/{n}" for n in model_files("checkpoints")),
+            *(f"diffusers/{n}" for n in model_dirs("diffusers", "model_index.json"))]
+
+
+def clip_choices() -> list[str]:
+    return [AUTO, *(f"clip_vision/{n}" for n in model_files("clip_vision")),
+            *(f"clip_vision/{n}" for n in model_dirs("clip_vision", "config.json"))]
+
+
+def _path(choice: str, what: str):
+    if choice == AUTO:
+        return None
+    kind, _, name = choice.partition("/")
+    if kind not in ("checkpoints", "diffusers", "clip_vision") or not name:
+        raise ValueError(f"{what} {choice!r} must start with checkpoints/, diffusers/ or clip_vision/")
+    return resolve_model(kind, name, what)
+
+
+def _size(path) -> int:
+    if path is None:
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _stamp(path) -> tuple:
+    return (path, os.path.getmtime(path)) if path else (None, None)
+
+
+class RCODModelLoader:
+    DESCRIPTION = ("Loads an RCOD_O / RCOD_S / OSEDiff / S3Diff checkpoint from models/rcod with its base model "
+                   "(SD 2.1-base or SD-Turbo: a single file in models/checkpoints or a diffusers folder in "
+                   "models/diffusers) and CLIP ViT-L/14 vision (models/clip_vision). Cached between runs.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("rcod_model",)
+    OUTPUT_TOOLTIPS = ("The loaded one-step SR model, for the other RCOD nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (model_files("rcod"), {"tooltip":
+                               "RCOD / OSEDiff / S3Diff checkpoint in models/rcod (official .pkl or rcod .safetensors). "
+                               "A de_net.pth beside an RCOD_S/S3Diff pickle is picked up automatically."}),
+                "base": (base_choices(), {"default": AUTO, "tooltip":
+                         "SD 2.1-base (RCOD_O, OSEDiff) or SD-Turbo (RCOD_S, S3Diff). 'auto' uses the path stored "
+                         "in an rcod .safetensors."}),
+                "clip_vision": (clip_choices(), {"default": AUTO, "tooltip":
+                                "CLIP ViT-L/14 vision model for VPIM (RCOD_O, RCOD_S); not used by OSEDiff/S3Diff."}),
+                "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
+                          "UNet/CLIP precision. auto: bf16/fp16 on GPU, fp32 on CPU."}),
+                "device": (["auto", "cpu"], {"default": "auto", "tooltip":
+                           "auto: ComfyUI's torch device (model_management.get_torch_device())."}),
+            },
+            "optional": {
+                "mem": ([NONE, *model_files("rcod")], {"default": NONE, "tooltip":
+                        "RCOD_S MEM file (metric estimation module) for Adaptive realism, when the checkpoint "
+                        "does not contain it (an rcod .safetensors may)."}),
+            },
+        }
+
+    def load(self, checkpoint, base=AUTO, clip_vision=AUTO, dtype="auto", device="auto", mem=NONE):
+        from rcod_core.cli import resolve_dtype
+        from rcod_core.loader import load_pipeline
+
+        with node_errors("RCOD Model Loader"):
+            model_path = resolve_model("rcod", checkpoint, "checkpoint")
+            extras = [resolve_model("rcod", mem, "MEM file")] if mem not in (None, "", NONE) else []
+            base_path, clip_path = _path(base, "base model"), _path(clip_vision, "CLIP vision model")
+            torch_device = model_management.get_torch_device() if device == "auto" else torch.device(device)
+            torch_dtype = resolve_dtype(dtype, torch_device)
+            key = (_stamp(model_path), *(_stamp(p) for p in extras), _stamp(base_path), _stamp(clip_path),
+                   str(torch_device), str(torch_dtype))
+            if key in _cache:
+                _cache.move_to_end(key)
+                return (_cache[key],)
+            while len(_cache) >= CACHE_SIZE:
+                _cache.popitem(last=False)
+            model_management.free_memory(sum(_size(p) for p in (model_path, *extras, base_path, clip_path)), torch_device)
+            pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=torch_device,
+                                 dtype=torch_dtype)
+            model_management.soft_empty_cache()
+        _cache[key] = pipe
+        log.info("RCOD: loaded %s (%s) on %s, %s", checkpoint, pipe.spec.kind, torch_device, torch_dtype)
+        return (pipe,)

@@ -1,0 +1,91 @@
+"""RCOD Upscale (the whole pipeline in one node) and RCOD Realism Sweep (one image at several t)."""
+
+from __future__ import annotations
+
+from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, realism_value, to_bchw, to_bhwc,
+                     ui_values, x0_value)
+from .stages import RESAMPLERS
+
+TILING = ("auto", "none", "custom")
+COLOR_FIX = ("none", "adain", "wavelet")
+
+
+class RCODUpscale:
+    DESCRIPTION = ("One-step super-resolution of an image with a realism dial: upscale, encode, ONE UNet pass at "
+                   "t, decode. Optional MASK for a spatial realism map, tiling for large images, colour fix.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("image", "t")
+    OUTPUT_TOOLTIPS = ("The super-resolved image(s), (B, H, W, 3) in [0, 1].", "The timestep used (first image).")
+    FUNCTION = "upscale"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "rcod_model": (MODEL, {"tooltip": "From RCOD Model Loader."}),
+                "image": ("IMAGE", {"tooltip": "The low-resolution image(s)."}),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5,
+                                    "tooltip": "Upscale factor (1-8)."}),
+                **realism_inputs(),
+                "tiling": (list(TILING), {"default": "auto", "tooltip":
+                           "auto: tile only when the image is large; none: one pass; custom: tile_size below."}),
+                "tile_size": ("INT", {"default": 64, "min": 16, "max": 512, "step": 8,
+                                      "tooltip": "Latent tile size (x8 pixels) for tiling=custom."}),
+                "tile_overlap": ("INT", {"default": 16, "min": 0, "max": 256, "step": 4,
+                                         "tooltip": "Latent overlap between tiles (blended with Gaussian weights)."}),
+                "color_fix": (list(COLOR_FIX), {"default": "none", "tooltip":
+                              "Match the output's colours to the LR: AdaIN (mean/std) or wavelet (low frequencies)."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Spatial realism map: 0 → mask_t0, 1 → the preset's t."}),
+                "mask_t0": ("INT", {"default": 250, "min": 1, "max": 999, "step": 1,
+                                    "tooltip": "t where the mask is 0 (used only with a MASK)."}),
+            },
+        }
+
+    def upscale(self, rcod_model, image, scale=4.0, preset="Neutral", t=500, x0_mode="model default", tiling="auto",
+                tile_size=64, tile_overlap=16, color_fix="none", mask=None, mask_t0=250):
+        pbar = Progress(1)
+        with node_errors("RCOD Upscale"):
+            realism = realism_value(preset, t)
+            kwargs = {"mask": mask, "mask_timesteps": (int(mask_t0), realism)} if mask is not None else {}
+            out = rcod_model.run(to_bchw(image), realism=realism, scale=scale, x0_mode=x0_value(x0_mode),
+                                 tile=int(tile_size) if tiling == "custom" else tiling, tile_overlap=int(tile_overlap),
+                                 color_fix=color_fix, progress=pbar, cancel=pbar.cancel, **kwargs)
+        pbar(1, 1)
+        t_used = out.timesteps.reshape(-1)
+        return {"ui": ui_values(out.timesteps, out.metric),
+                "result": (to_bhwc(out.images), int(t_used[-1 if mask is not None else 0]))}
+
+
+class RCODRealismSweep:
+    DESCRIPTION = ("The same image(s) at several timesteps, to compare realism levels: encode and VPIM once, one "
+                   "UNet pass + decode per t. Output: a batch, t-major (all images at t1, then at t2, ...).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("K x B images for K timesteps (connect to a preview or a grid).",)
+    FUNCTION = "sweep"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rcod_model": (MODEL, {"tooltip": "From RCOD Model Loader."}),
+            "image": ("IMAGE", {"tooltip": "The low-resolution image(s)."}),
+            "timesteps": ("STRING", {"default": "250,500,750", "tooltip":
+                          "Comma-separated t values (1-999) or presets (fidelity, neutral, realism)."}),
+            "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5, "tooltip": "Upscale factor (1-8)."}),
+            "x0_mode": realism_inputs()["x0_mode"],
+            "resampler": (list(RESAMPLERS), {"default": "bicubic", "tooltip": "Resampler before the VAE."}),
+        }}
+
+    def sweep(self, rcod_model, image, timesteps="250,500,750", scale=4.0, x0_mode="model default",
+              resampler="bicubic"):
+        pbar = Progress(1)
+        with node_errors("RCOD Realism Sweep"):
+            values = [v.strip() for v in str(timesteps).split(",") if v.strip()]
+            out = rcod_model.sweep(to_bchw(image), timesteps=values, x0_mode=x0_value(x0_mode), scale=scale,
+                                   resampler=resampler, progress=pbar, cancel=pbar.cancel)
+        pbar(1, 1)
+        images = out.images.reshape(-1, *out.images.shape[2:])
+        return {"ui": ui_values(out.timesteps), "result": (to_bhwc(images),)}

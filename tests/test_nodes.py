@@ -1,0 +1,318 @@
+"""The ComfyUI nodes on the tiny model set, without ComfyUI: minimal stand-ins for ``folder_paths``,
+``comfy.model_management`` and ``comfy.utils`` are put in ``sys.modules`` for this module only.
+
+Checks the ComfyUI contract (BHWC in/out, [0, 1], LATENT/MASK shapes, tooltips), that the nodes
+call rcod_core (the node results equal rcod_core's on the same model), caching, and errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from tiny_models import install_tiny_models  # noqa: E402
+
+
+class FakeProgressBar:
+    instances: list = []
+
+    def __init__(self, total):
+        self.total, self.updates = total, []
+        FakeProgressBar.instances.append(self)
+
+    def update_absolute(self, value, total=None, preview=None):
+        if total is not None:
+            self.total = total
+        self.updates.append((value, self.total))
+
+
+def _fake_comfy(models_dir: Path) -> dict:
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(models_dir)
+    fp.supported_pt_extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+    fp.folder_names_and_paths = {k: ([str(models_dir / k)], fp.supported_pt_extensions)
+                                 for k in ("checkpoints", "diffusers", "clip_vision")}
+    fp.folder_names_and_paths["diffusers"] = ([str(models_dir / "diffusers")], {"folder"})
+    # as after extra_model_paths.yaml: an rcod path configured before the extension loads
+    fp.folder_names_and_paths["rcod"] = ([str(models_dir.parent / "elsewhere" / "rcod")], set())
+
+    def get_folder_paths(kind):
+        return fp.folder_names_and_paths[kind][0][:]
+
+    def get_filename_list(kind):
+        paths, exts = fp.folder_names_and_paths[kind]
+        out = []
+        for root in paths:
+            for d, _, files in os.walk(root, followlinks=True):
+                out += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for f in files
+                        if not exts or os.path.splitext(f)[1] in exts]
+        return sorted(set(out))
+
+    fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
+    comfy = types.ModuleType("comfy")
+    mm = types.ModuleType("comfy.model_management")
+    mm.calls = []
+    mm.interrupted = False
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_exception_if_processing_interrupted():
+        if mm.interrupted:
+            mm.interrupted = False
+            raise InterruptProcessingException()
+
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.free_memory = lambda size, device, keep_loaded=(): mm.calls.append(("free_memory", size, str(device)))
+    mm.soft_empty_cache = lambda force=False: mm.calls.append(("soft_empty_cache",))
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = FakeProgressBar
+    comfy.model_management, comfy.utils = mm, utils
+    return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils}
+
+
+@pytest.fixture(scope="module")
+def ext(tmp_path_factory, request):
+    """The extension imported as ComfyUI imports a custom node folder, over the tiny set."""
+    base = tmp_path_factory.mktemp("comfy")
+    # the tiny set is deterministic (seed 0): made once, kept in pytest's cache between runs
+    install_tiny_models(base / "models", request.config.cache.mkdir("rcod-tiny-set"))
+    fakes = _fake_comfy(base / "models")
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    spec = importlib.util.spec_from_file_location("comfyui_rcod_under_test", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.fakes = fakes
+    yield module
+    for name in [n for n in sys.modules if n.startswith(spec.name)]:
+        del sys.modules[name]
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+def node(ext, name):
+    return ext.NODE_CLASS_MAPPINGS[name]()
+
+
+def load(ext, checkpoint="rcod_o.pkl", base="diffusers/base-sd21", clip="clip_vision/clip-vision", **kw):
+    return node(ext, "RCODModelLoader").load(checkpoint, base, clip, "fp32", "auto", **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def rcod_o(ext):
+    return load(ext)
+
+
+@pytest.fixture(scope="module")
+def rcod_s(ext):
+    return load(ext, "rcod_s.safetensors", "diffusers/base-sd-turbo")
+
+
+@pytest.fixture
+def lr():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 24, 32, 3, generator=g)  # BHWC, not square, not a multiple of 8
+
+
+def test_registration_and_widgets(ext):
+    assert ext.WEB_DIRECTORY == "./web"
+    assert set(ext.NODE_CLASS_MAPPINGS) == set(ext.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in ext.NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("RCOD") and cls.CATEGORY == "RCOD"
+        assert callable(getattr(cls, cls.FUNCTION)) and cls.DESCRIPTION
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        spec = cls.INPUT_TYPES()
+        for group in spec.values():
+            for name, (kind, *opts) in group.items():
+                assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+                if kind in ("INT", "FLOAT"):
+                    assert {"default", "min", "max", "step"} <= set(opts[0]), f"{node_id}.{name}"
+    loader = ext.NODE_CLASS_MAPPINGS["RCODModelLoader"].INPUT_TYPES()["required"]
+    assert "rcod_o.pkl" in loader["checkpoint"][0]
+    assert {"diffusers/base-sd21", "checkpoints/base-sd21.safetensors"} <= set(loader["base"][0])
+    assert {"clip_vision/clip-vision", "clip_vision/clip-vision.safetensors"} <= set(loader["clip_vision"][0])
+
+
+def test_rcod_folder_keeps_configured_paths(ext):
+    paths, exts = ext.fakes["folder_paths"].folder_names_and_paths["rcod"]
+    assert paths[0].endswith(os.path.join("elsewhere", "rcod")) and paths[1].endswith(os.path.join("models", "rcod"))
+    assert {".pkl", ".pth", ".safetensors"} <= exts
+
+
+def test_loader_caches_and_uses_model_management(ext, rcod_o):
+    assert load(ext) is rcod_o
+    single = load(ext, base="checkpoints/base-sd21.safetensors", clip="clip_vision/clip-vision.safetensors")
+    assert single is not rcod_o and single.spec.kind == "rcod_o"
+    assert load(ext) is rcod_o  # still cached (two entries)
+    names = [c[0] for c in ext.fakes["comfy.model_management"].calls]
+    assert "free_memory" in names and "soft_empty_cache" in names
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../rcod/rcod_o.pkl", "must not contain '..'"),
+    ("/etc/passwd", "absolute path"),
+    ("missing.pkl", "not found in the 'rcod' model folders"),
+])
+def test_loader_refuses_bad_names(ext, name, message):
+    with pytest.raises(ValueError, match=message) as info:
+        load(ext, checkpoint=name)
+    assert str(info.value).startswith("RCOD Model Loader: ")
+
+
+def test_loader_wrong_base_family_is_a_clear_error(ext):
+    with pytest.raises(ValueError, match="RCOD Model Loader: .*(SD-Turbo|sd_turbo)"):
+        load(ext, "rcod_s.safetensors", "diffusers/base-sd21")
+
+
+def test_upscale_is_rcod_core_run(ext, rcod_o, lr, monkeypatch):
+    calls = []
+    run = rcod_o.run
+    monkeypatch.setattr(rcod_o, "run", lambda *a, **k: calls.append(k) or run(*a, **k), raising=False)
+    out = node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Fidelity", 250)
+    image, t = out["result"]
+    assert image.shape == (2, 48, 64, 3) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert t == 249 and out["ui"]["rcod_t"] == [249, 249]  # the release's preset (spec.preset_style)
+    assert len(calls) == 1 and calls[0]["realism"] == "fidelity" and calls[0]["scale"] == 2.0
+    expected = run(lr.permute(0, 3, 1, 2), realism="fidelity", scale=2.0).images.permute(0, 2, 3, 1)
+    torch.testing.assert_close(image, expected)
+
+
+def test_stages_equal_upscale(ext, rcod_o, lr):
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
+    assert latent["samples"].ndim == 4 and latent["samples"].shape[0] == 2
+    out = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Custom", 600)
+    z, t = out["result"]
+    assert t == 600 and out["ui"]["rcod_t"] == [600, 600]
+    (image,) = node(ext, "RCODDecode").decode(rcod_o, z)
+    ref = node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Custom", 600)["result"][0]
+    assert image.shape == (2, 48, 64, 3)
+    torch.testing.assert_close(image, ref)
+
+
+def test_visual_prompt_conditions_denoise(ext, rcod_o, lr):
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
+    (tokens,) = node(ext, "RCODVisualPrompt").encode(rcod_o, torch.ones(1, 40, 40, 3))
+    assert tokens.ndim == 3 and tokens.shape[0] == 1
+    own = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Neutral", 500)["result"][0]["samples"]
+    other = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Neutral", 500, prompt=tokens)["result"][0]["samples"]
+    assert not torch.allclose(own, other)
+
+
+def test_latent_from_other_nodes(ext, rcod_o, lr):
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
+    blended = {**latent, "samples": latent["samples"] * 0.9}  # shape kept (e.g. LatentMultiply): works
+    node(ext, "RCODDenoise").denoise(rcod_o, blended, "Neutral", 500)
+    resized = {**latent, "samples": torch.nn.functional.interpolate(latent["samples"], scale_factor=2)}
+    with pytest.raises(ValueError, match="RCOD One-Step Denoise: .*resize the IMAGE before RCOD Encode"):
+        node(ext, "RCODDenoise").denoise(rcod_o, resized, "Neutral", 500)
+    with pytest.raises(ValueError, match="not made by RCOD Encode"):
+        node(ext, "RCODDenoise").denoise(rcod_o, {"samples": latent["samples"]}, "Neutral", 500)
+    # a plain VAE latent decodes (uncropped): 8x the latent size
+    (image,) = node(ext, "RCODDecode").decode(rcod_o, {"samples": latent["samples"]})
+    assert image.shape[1:3] == (latent["samples"].shape[2] * 8, latent["samples"].shape[3] * 8)
+
+
+def test_mask_realism_map(ext, rcod_o, lr):
+    mask = torch.zeros(1, 48, 64)
+    mask[:, :, 32:] = 1.0
+    out = node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Realism", 750, mask=mask, mask_t0=250)
+    assert out["ui"]["rcod_t"] == [250, 749] and out["result"][1] == 749  # mask_t0 is a t, not a preset
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
+    z = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Realism", 750, mask=mask, mask_t0=250)["result"][0]
+    torch.testing.assert_close(node(ext, "RCODDecode").decode(rcod_o, z)[0], out["result"][0])
+    with pytest.raises(ValueError, match="RCOD Upscale: mask is 32x32 .*aspect ratios differ"):
+        node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Realism", 750, mask=torch.ones(1, 32, 32))
+
+
+def test_sweep(ext, rcod_o, lr):
+    out = node(ext, "RCODRealismSweep").sweep(rcod_o, lr[:1], "250, neutral,750", 2.0)
+    (images,) = out["result"]
+    assert images.shape == (3, 48, 64, 3) and out["ui"]["rcod_t"] == [250, 499, 750]  # digits are t, names presets
+    with pytest.raises(ValueError, match="RCOD Realism Sweep: .*realism"):
+        node(ext, "RCODRealismSweep").sweep(rcod_o, lr[:1], "250,banana", 2.0)
+
+
+def test_latent_metric_and_adaptive(ext, rcod_o, rcod_s, lr):
+    metric = node(ext, "RCODLatentMetric")
+    out = metric.measure(rcod_s, lr)
+    m_l, t, m_true = out["result"]
+    assert isinstance(m_l, float) and t in (249, 499, 749) and m_true != m_true  # NaN without HR
+    assert out["ui"]["rcod_t"][0] == t and len(out["ui"]["rcod_m_l"]) == 2
+    expected = rcod_s.estimate_metric(lr.permute(0, 3, 1, 2))
+    assert m_l == pytest.approx(float(expected[0]), abs=1e-6)
+    hr = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(1))
+    out = metric.measure(rcod_o, lr, hr)  # RCOD_O has no MEM: the true M_L picks t
+    m_l, t, m_true = out["result"]
+    assert -1.0 <= m_true <= 1.0 and m_l == m_true and "rcod_m_l_true" in out["ui"]
+    with pytest.raises(ValueError, match="RCOD Latent Metric: .*MEM"):
+        metric.measure(rcod_o, lr)
+    adaptive = node(ext, "RCODUpscale").upscale(rcod_s, lr, 2.0, "Adaptive", 500)
+    assert adaptive["ui"]["rcod_m_l"] == out_ml(rcod_s, lr)
+
+
+def out_ml(pipe, lr):
+    return [round(float(v), 4) for v in pipe.estimate_metric(lr.permute(0, 3, 1, 2))]
+
+
+def test_rcod_s_stages_keep_their_own_degradation_state(ext, rcod_s, lr):
+    other = torch.rand(2, 24, 32, 3, generator=torch.Generator().manual_seed(5)) * 0.2
+    (latent,) = node(ext, "RCODEncode").encode(rcod_s, lr, 2.0, "bicubic")
+    node(ext, "RCODEncode").encode(rcod_s, other, 2.0, "bicubic")  # re-conditions the shared model
+    z = node(ext, "RCODDenoise").denoise(rcod_s, latent, "Neutral", 500)["result"][0]
+    image = node(ext, "RCODDecode").decode(rcod_s, z)[0]
+    torch.testing.assert_close(image, node(ext, "RCODUpscale").upscale(rcod_s, lr, 2.0, "Neutral", 500)["result"][0])
+
+
+def test_osediff_through_the_same_nodes(ext, lr):
+    pipe = load(ext, "osediff.pkl", "diffusers/base-sd21", "clip_vision/clip-vision")
+    out = node(ext, "RCODUpscale").upscale(pipe, lr[:1], 2.0, "Neutral", 500)
+    assert out["result"][0].shape == (1, 48, 64, 3) and out["ui"]["rcod_t"] == [999]
+
+
+def test_progress_and_interrupt(ext, rcod_o, lr):
+    FakeProgressBar.instances.clear()
+    node(ext, "RCODUpscale").upscale(rcod_o, lr[:1], 2.0, "Neutral", 500)
+    bar = FakeProgressBar.instances[-1]
+    assert bar.updates and bar.updates[-1][0] == bar.updates[-1][1]
+    mm = ext.fakes["comfy.model_management"]
+    mm.interrupted = True
+    with pytest.raises(mm.InterruptProcessingException):
+        node(ext, "RCODUpscale").upscale(rcod_o, lr[:1], 2.0, "Neutral", 500, tiling="custom", tile_size=16,
+                                         tile_overlap=8)
+    out = node(ext, "RCODUpscale").upscale(rcod_o, lr[:1], 2.0, "Neutral", 500)  # still usable
+    assert out["result"][0].shape == (1, 48, 64, 3)
+
+
+def test_workflows_are_up_to_date_and_match_the_nodes(ext):
+    """workflows/*.json are generated (tests/e2e/build_workflows.py) and name only real widgets."""
+    import json
+
+    import build_workflows
+
+    assert build_workflows.main(["--check"]) == 0
+    for path in sorted((ROOT / "workflows").glob("*.api.json")):
+        for node_def in json.loads(path.read_text()).values():
+            cls = ext.NODE_CLASS_MAPPINGS.get(node_def["class_type"])
+            if cls is None:
+                continue
+            spec = cls.INPUT_TYPES()
+            known = {k for group in spec.values() for k in group}
+            assert set(node_def["inputs"]) <= known, (path.name, node_def)
+            assert set(spec["required"]) <= set(node_def["inputs"]), (path.name, node_def)

@@ -1,0 +1,100 @@
+// RCOD web extension: shows M_L and t on the nodes after a run; keeps the preset combo and the t widget in sync.
+// Served at /extensions/<this folder>/js/rcod.js, so ComfyUI's app module is three levels up.
+import { app } from "../../../scripts/app.js";
+
+const PRESET_T = { Fidelity: 250, Neutral: 500, Realism: 750 };
+const SHOWS_VALUES = new Set(["RCODLatentMetric", "RCODDenoise", "RCODUpscale", "RCODRealismSweep"]);
+const HAS_PRESET = new Set(["RCODDenoise", "RCODUpscale"]);
+
+function findWidget(node, name) {
+  return (node.widgets || []).find((w) => w.name === name);
+}
+
+function formatValues(message) {
+  const parts = [];
+  const list = (key) => (Array.isArray(message?.[key]) ? message[key] : message?.[key] != null ? [message[key]] : []);
+  const ml = list("rcod_m_l"), mlTrue = list("rcod_m_l_true"), t = list("rcod_t");
+  if (ml.length) parts.push("M_L " + ml.map((v) => Number(v).toFixed(3)).join(", "));
+  if (mlTrue.length) parts.push("true M_L " + mlTrue.map((v) => Number(v).toFixed(3)).join(", "));
+  if (t.length) parts.push("t " + t.join(", "));
+  return parts.join("  ·  ");
+}
+
+function linkPresetAndT(node) {
+  const preset = findWidget(node, "preset");
+  const t = findWidget(node, "t");
+  if (!preset || !t) return;
+  let syncing = false;
+  const presetCallback = preset.callback;
+  preset.callback = function (value, ...rest) {
+    const r = presetCallback?.apply(this, [value, ...rest]);
+    const v = value ?? preset.value;
+    if (v in PRESET_T && t.value !== PRESET_T[v]) {
+      syncing = true;
+      try {
+        t.value = PRESET_T[v];
+        t.callback?.(t.value);
+      } finally {
+        syncing = false;
+      }
+    }
+    node.setDirtyCanvas?.(true, true);
+    return r;
+  };
+  const tCallback = t.callback;
+  t.callback = function (value, ...rest) {
+    const r = tCallback?.apply(this, [value, ...rest]);
+    if (!syncing && preset.value !== "Custom" && preset.value !== "Adaptive") {
+      const v = Number(value ?? t.value);
+      if (PRESET_T[preset.value] !== v) {
+        preset.value = "Custom";
+        node.setDirtyCanvas?.(true, true);
+      }
+    }
+    return r;
+  };
+}
+
+app.registerExtension({
+  name: "rcod.values",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const id = nodeData?.name;
+    if (HAS_PRESET.has(id)) {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = onNodeCreated?.apply(this, arguments);
+        linkPresetAndT(this);
+        return r;
+      };
+    }
+    if (!SHOWS_VALUES.has(id)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);  // the original handler first
+      const text = formatValues(message);
+      if (text) {
+        this.rcodValues = text;
+        const w = this.size?.[0] ?? 200;
+        if (this.setSize && this.computeSize) {
+          const min = this.computeSize();
+          this.setSize([Math.max(w, min[0]), Math.max(this.size[1], min[1] + 24)]);
+        }
+        this.setDirtyCanvas?.(true, true);
+      }
+      return r;
+    };
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function (ctx) {
+      const r = onDrawForeground?.apply(this, arguments);
+      if (this.rcodValues && !this.flags?.collapsed && ctx?.fillText) {
+        ctx.save();
+        ctx.font = "12px monospace";
+        ctx.fillStyle = "#8fd48f";
+        ctx.textAlign = "left";
+        ctx.fillText(this.rcodValues, 10, this.size[1] - 8);
+        ctx.restore();
+      }
+      return r;
+    };
+  },
+});
