@@ -222,9 +222,11 @@ def make_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint")
     info.set_defaults(func=cmd_info)
 
+    from .bench import add_bench_parser
     from .evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in every format (offline smoke tests)")
     tiny.add_argument("directory")

@@ -150,11 +150,19 @@ def one_step(
 
 
 def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move to device, cast only when needed (diffusers warns on every dtype ``.to``), eval mode."""
-    module = module.to(device=device)
+    """Cast (only when needed: diffusers warns on every dtype ``.to``), then move — so an fp16
+    model never sits on the GPU in fp32 — and eval mode."""
     if any(p.dtype != dtype for p in module.parameters()):
         module = module.to(dtype=dtype)
-    return module.eval()
+    return module.to(device=device).eval()
+
+
+def default_vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision when not given: ``dtype``, except fp16 for a VAE whose config asks to be
+    upcast (SD 2.1's ``force_upcast``: its decoder overflows in fp16) → fp32. bf16 has fp32's range."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
 
 
 @dataclass
@@ -214,7 +222,8 @@ class RCODPipeline:
         spec: the model's :class:`~rcod_core.spec.ModelSpec`.
         scheduler_config: diffusers scheduler config of the base (for ᾱ_t).
         device, dtype: where and in which precision the UNet and CLIP run.
-        vae_dtype: precision of the VAE (default ``dtype``; fp32 avoids fp16 VAE overflow).
+        vae_dtype: precision of the VAE (default: ``dtype``, but fp32 for an fp16 pipeline whose VAE
+            config says ``force_upcast``, as SD 2.1's does).
         prompt_embeds: fixed conditioning tokens (1, N, D) for the bases (text embeddings).
     """
 
@@ -233,7 +242,7 @@ class RCODPipeline:
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vae_dtype = vae_dtype or dtype
+        self.vae_dtype = vae_dtype or default_vae_dtype(vae, dtype)
         self.unet = _place(unet, self.device, dtype)
         self.vae = _place(vae, self.device, self.vae_dtype)
         self.prompt_encoder = _place(prompt_encoder, self.device, dtype) if prompt_encoder is not None else None
