@@ -577,9 +577,10 @@ def run(args: argparse.Namespace) -> int:
         print("peak mem = torch.cuda.max_memory_allocated during the e2e measurement (weights included)")
     for r in results:
         if "max_abs_diff_vs_baseline" in r:
+            first = r["e2e"].get("first_call_ms")
             notes.append(f"ours {r['dtype']} {r['compile']} b{r['batch']}: output max|diff| vs baseline = "
-                         f"{r['max_abs_diff_vs_baseline']:.3g} (mean {r['mean_abs_diff_vs_baseline']:.3g}); "
-                         f"first e2e call {r['e2e']['first_call_ms']:.0f} ms")
+                         f"{r['max_abs_diff_vs_baseline']:.3g} (mean {r['mean_abs_diff_vs_baseline']:.3g})"
+                         + (f"; first e2e call {first:.0f} ms" if first is not None else ""))
     for n in notes:
         print("  " + n)
 
