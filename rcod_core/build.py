@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .models import BaseModels, build_models, randomize_lora
+from .models import BaseModels, build_models, randomize_lora, randomize_parameters
 from .pipeline import RCODPipeline
 from .prompting import VisualPromptEncoder
 from .spec import ModelSpec
@@ -105,9 +105,7 @@ def assemble(
         if projection_state is not None:
             load_partial_state(prompt_encoder.projection, projection_state, "state_dict_proj", ("weight", "bias"))
         elif lora_generator is not None:
-            with torch.no_grad():
-                for p in prompt_encoder.projection.parameters():
-                    p.copy_(torch.randn(p.shape, generator=lora_generator) * 0.05)
+            randomize_parameters(prompt_encoder.projection, lora_generator)
     return RCODPipeline(
         unet, vae, prompt_encoder, spec, base.scheduler_config,
         device=device, dtype=dtype, vae_dtype=vae_dtype, prompt_embeds=prompt_embeds,

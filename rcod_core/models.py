@@ -130,5 +130,13 @@ def randomize_lora(model: nn.Module, generator: torch.Generator, std: float = 0.
     return count
 
 
+@torch.no_grad()
+def randomize_parameters(module: nn.Module, generator: torch.Generator, std: float = 0.05) -> nn.Module:
+    """Seeded normal values for every parameter of ``module`` (random projections in tests/demos)."""
+    for _, param in sorted(module.named_parameters()):
+        param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

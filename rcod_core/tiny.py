@@ -22,7 +22,7 @@ from .degradation import (
     DEResNet, DegradationGuidance, MatrixSlot, S3DIFF_UNET_TARGETS, S3DIFF_VAE_TARGET_REGEX, UNET_BLOCKS, VAE_BLOCKS,
     inject_degradation_lora, s3diff_unet_modules, s3diff_vae_modules, unet_block_index, vae_block_index,
 )
-from .models import CONFIG_ROOT, build_models, load_config, randomize_lora
+from .models import CONFIG_ROOT, build_models, load_config, randomize_lora, randomize_parameters
 
 #: ranks of the tiny RCOD_S / S3Diff files (the release uses 32 / 16 on the full-size model)
 TINY_S3_RANKS = (8, 4)
@@ -36,6 +36,12 @@ def _generator(seed: int) -> torch.Generator:
 def _perturb(tensors, generator: torch.Generator, std: float = 0.01) -> None:
     for t in tensors:
         t.add_(torch.randn(t.shape, generator=generator) * std)
+
+
+def _random_projection(unet: nn.Module, generator: torch.Generator) -> nn.Linear:
+    """A VPIM projection (tiny CLIP hidden size → the UNet's cross-attention width), random."""
+    proj = nn.Linear(load_config("tiny", "clip_vision")["hidden_size"], unet.config.cross_attention_dim)
+    return randomize_parameters(proj, generator)
 
 
 def release_vae_module_list(vae: nn.Module) -> list[str]:
@@ -74,11 +80,7 @@ def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4) -> dic
         "state_dict_vae": {k: v.clone() for k, v in vae.state_dict().items() if "lora" in k},
     }
     if kind == "rcod_o":
-        proj = nn.Linear(load_config("tiny", "clip_vision")["hidden_size"], unet.config.cross_attention_dim)
-        with torch.no_grad():
-            for p in proj.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        obj["state_dict_proj"] = proj.state_dict()
+        obj["state_dict_proj"] = _random_projection(unet, g).state_dict()
     elif kind != "osediff":
         raise ValueError(f"kind must be 'osediff' or 'rcod_o', got {kind!r}")
     return obj
@@ -120,11 +122,7 @@ def s3diff_like_dict(kind: str = "rcod_s", seed: int = 0, ranks: tuple[int, int]
         },
     }
     if kind == "rcod_s":
-        proj = nn.Linear(load_config("tiny", "clip_vision")["hidden_size"], unet.config.cross_attention_dim)
-        with torch.no_grad():
-            for p in proj.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        obj["state_dict_clip_proj"] = proj.state_dict()
+        obj["state_dict_clip_proj"] = _random_projection(unet, g).state_dict()
     elif kind != "s3diff":
         raise ValueError(f"kind must be 's3diff' or 'rcod_s', got {kind!r}")
     return obj
