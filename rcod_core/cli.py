@@ -92,6 +92,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
     mine = shard(files, index, count)
     pipe = build_pipeline(args, device, dtype)
+    if args.compile != "none":
+        pipe.compile(mode=None if args.compile == "default" else args.compile)
     color = args.color_fix or pipe.spec.default_color_fix
     bar = tqdm(total=len(mine), desc=f"rcod upscale [{index + 1}/{count}]" if count > 1 else "rcod upscale",
                unit="img", disable=args.quiet or None, position=index)
@@ -170,6 +172,14 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from .loader import download
+
+    path = download(args.name, local_dir=args.local_dir, local_files_only=args.local_files_only)
+    print(path)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcod", description="RCOD one-step super-resolution with realism control")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +210,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="classical resampler for the LR upscale before encoding (and alpha)")
     up.add_argument("--format", choices=["png", "jpg", "webp", "tif", "same"], default="png",
                     help="output format (16-bit inputs stay 16-bit in png/tif)")
+    up.add_argument("--compile", choices=["none", "default", "max-autotune", "reduce-overhead"], default="none",
+                    help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
     up.add_argument("--seed", type=int, default=0)
@@ -227,6 +239,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+
+    from .loader import HUB_MODELS
+
+    dl = sub.add_parser("download", help="explicitly download a base / CLIP model from the Hugging Face hub")
+    dl.add_argument("name", help=f"one of {', '.join(HUB_MODELS)} or a hub repository id")
+    dl.add_argument("--local-dir", help="copy the files here (default: the hub cache)")
+    dl.add_argument("--local-files-only", action="store_true", help="only resolve the cache; never download")
+    dl.set_defaults(func=cmd_download)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in every format (offline smoke tests)")
     tiny.add_argument("directory")

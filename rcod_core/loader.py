@@ -303,10 +303,31 @@ def pipeline_from_checkpoint(
                        prompt_embeds=prompt_embeds)
 
 
-def download(repo_id: str, local_dir: PathLike | None = None, local_files_only: bool = False,
-             allow_patterns: Sequence[str] | None = None) -> Path:
-    """Explicit, opt-in hub download (huggingface_hub cache, progress bar). Never called implicitly."""
-    from huggingface_hub import snapshot_download
+#: names ``rcod download`` knows: hub repository and the files a local copy needs
+HUB_MODELS = {
+    "sd21-base": ("stabilityai/stable-diffusion-2-1-base",
+                  ["model_index.json", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"]),
+    "sd-turbo": ("stabilityai/sd-turbo",
+                 ["model_index.json", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"]),
+    "clip-vit-l14": ("openai/clip-vit-large-patch14", ["config.json", "preprocessor_config.json", "model.safetensors"]),
+}
 
-    return Path(snapshot_download(repo_id, local_dir=local_dir, local_files_only=local_files_only,
-                                  allow_patterns=list(allow_patterns) if allow_patterns else None))
+
+def download(name_or_repo: str, local_dir: PathLike | None = None, local_files_only: bool = False,
+             allow_patterns: Sequence[str] | None = None) -> Path:
+    """Explicit, opt-in hub download (huggingface_hub's cache and progress bar); never called
+    implicitly. ``name_or_repo`` is a :data:`HUB_MODELS` name or a hub repository id. With
+    ``local_files_only`` it only resolves what the cache already holds (offline machines)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, patterns = HUB_MODELS.get(name_or_repo, (name_or_repo, None))
+    patterns = list(allow_patterns) if allow_patterns else patterns
+    try:
+        return Path(snapshot_download(repo_id, local_dir=local_dir, local_files_only=local_files_only,
+                                      allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{repo_id} is not in the local Hugging Face cache"
+            + (" (local_files_only: nothing is downloaded)" if local_files_only else f": {str(exc).splitlines()[0]}")
+        ) from exc

@@ -221,3 +221,11 @@ def test_two_processes_write_what_one_writes(tmp_path, photo):
                             str(src), "-o", str(tmp_path / "two"), "--tiny-smoke", "--quiet"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert "0 written, 3 skipped, 0 failed" in rerun.stderr, "a re-run skips what is done"
+
+
+def test_download_is_explicit_and_offline_safe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = main(["download", "sd21-base", "--local-files-only"])
+    assert rc == 2
+    assert "stabilityai/stable-diffusion-2-1-base is not in the local Hugging Face cache" in capsys.readouterr().err
