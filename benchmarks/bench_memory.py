@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Peak memory and time vs output size with bounded-memory tiling.
+
+Each size runs in a fresh process (so the peak RSS / CUDA peak belongs to that size alone):
+LR = size / 4, x4, ``tile`` latent tiles for every stage (default 64 = 512 px). The goal: peak
+memory flat beyond one tile — a 16 MP output within the peak of a 1 MP one plus the full-size
+buffers (the upscaled LR, the output; each 12 bytes/px in float32).
+
+    python benchmarks/bench_memory.py --family tiny --sizes 512,1024,2048,4096
+    python benchmarks/bench_memory.py --family sd21_base --sizes 512,1024        # full size, slow on CPU
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+from rcod_core.build import assemble, tiny_pipeline
+from rcod_core.models import build_models
+from rcod_core.spec import ModelSpec
+torch.set_num_threads({threads})
+dev = torch.device({device!r})
+if {family!r} == "tiny":
+    pipe = tiny_pipeline("rcod_o", seed=0, device=dev)
+else:
+    pipe = assemble(build_models({family!r}), ModelSpec.for_kind("rcod_o"), device=dev,
+                    lora_generator=torch.Generator().manual_seed(1))
+lr = torch.rand(1, 3, {size} // 4, {size} // 4, generator=torch.Generator().manual_seed(0))
+base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if dev.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+tile = {tile!r}
+out = pipe(lr, realism=499, tile=tile, tile_overlap={overlap})
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"size": {size}, "seconds": seconds, "peak_rss": peak, "rss_after_load": base_rss,
+                  "cuda_peak": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+                  "shape": list(out.shape)}}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="tiny", choices=["tiny", "sd21_base"])
+    parser.add_argument("--sizes", default="512,1024,2048,4096")
+    parser.add_argument("--tile", default="64", help="latent tile (int), 'none' or 'auto'")
+    parser.add_argument("--overlap", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    tile = int(args.tile) if args.tile.isdigit() else args.tile
+    root = str(Path(__file__).resolve().parents[1])
+    rows = []
+    print(f"# {args.family}, tile {tile} (overlap {args.overlap}), {args.device}, one process per size")
+    print(f"{'output':>11} | {'MP':>5} | {'time s':>7} | {'peak RSS':>9} | {'after load':>10} | {'run delta':>9} | {'out buffer':>10}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        code = CHILD.format(root=root, threads=args.threads, device=args.device, family=args.family, size=size,
+                            tile=tile, overlap=args.overlap)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{size}x{size}: FAILED {proc.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        gib = 2 ** 30
+        delta = r["peak_rss"] - r["rss_after_load"]
+        print(f"{size:>5}x{size:<5} | {size * size / 1e6:5.1f} | {r['seconds']:7.1f} | {r['peak_rss'] / gib:7.2f} G | "
+              f"{r['rss_after_load'] / gib:8.2f} G | {delta / gib:7.2f} G | {size * size * 12 / gib:8.2f} G", flush=True)
+        rows.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
