@@ -38,9 +38,9 @@ def _perturb(tensors, generator: torch.Generator, std: float = 0.01) -> None:
         t.add_(torch.randn(t.shape, generator=generator) * std)
 
 
-def _random_projection(unet: nn.Module, generator: torch.Generator) -> nn.Linear:
-    """A VPIM projection (tiny CLIP hidden size → the UNet's cross-attention width), random."""
-    proj = nn.Linear(load_config("tiny", "clip_vision")["hidden_size"], unet.config.cross_attention_dim)
+def _random_projection(unet: nn.Module, generator: torch.Generator, family: str = "tiny") -> nn.Linear:
+    """A VPIM projection (the family's CLIP hidden size → the UNet's cross-attention width), random."""
+    proj = nn.Linear(load_config(family, "clip_vision")["hidden_size"], unet.config.cross_attention_dim)
     return randomize_parameters(proj, generator)
 
 
@@ -58,9 +58,10 @@ def release_vae_module_list(vae: nn.Module) -> list[str]:
     return names
 
 
-def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4) -> dict:
-    """The release's dict for an OSEDiff (8 keys) or RCOD_O (9 keys) checkpoint, tiny and random."""
-    base = build_models("tiny", seed=seed, with_clip=False)
+def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4, family: str = "tiny") -> dict:
+    """The release's dict for an OSEDiff (8 keys) or RCOD_O (9 keys) checkpoint, random weights on
+    the ``family`` configs (``"sd21_base"`` gives a full-size file, for load-time benchmarks)."""
+    base = build_models(family, seed=seed, with_clip=False)
     unet, vae = base.unet, base.vae
     groups = adapters.osediff_unet_groups(unet)
     vae_list = release_vae_module_list(vae)
@@ -80,16 +81,18 @@ def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4) -> dic
         "state_dict_vae": {k: v.clone() for k, v in vae.state_dict().items() if "lora" in k},
     }
     if kind == "rcod_o":
-        obj["state_dict_proj"] = _random_projection(unet, g).state_dict()
+        obj["state_dict_proj"] = _random_projection(unet, g, family).state_dict()
     elif kind != "osediff":
         raise ValueError(f"kind must be 'osediff' or 'rcod_o', got {kind!r}")
     return obj
 
 
-def s3diff_like_dict(kind: str = "rcod_s", seed: int = 0, ranks: tuple[int, int] = TINY_S3_RANKS) -> dict:
-    """The release's dict for an S3Diff (14 keys) or RCOD_S (15 keys) checkpoint, tiny and random."""
+def s3diff_like_dict(kind: str = "rcod_s", seed: int = 0, ranks: tuple[int, int] = TINY_S3_RANKS,
+                     family: str = "tiny") -> dict:
+    """The release's dict for an S3Diff (14 keys) or RCOD_S (15 keys) checkpoint, random weights on
+    the ``family`` configs (``"sd_turbo"`` with ranks (32, 16) is the release's full size)."""
     rank_unet, rank_vae = ranks
-    base = build_models("tiny", seed=seed, with_clip=False)
+    base = build_models(family, seed=seed, with_clip=False)
     unet, vae = base.unet, base.vae
     unet_modules, vae_modules = s3diff_unet_modules(unet), s3diff_vae_modules(vae)
     inject_degradation_lora(unet, unet_modules, "default", rank_unet, 8.0, MatrixSlot(), unet_block_index, UNET_BLOCKS)
@@ -122,7 +125,7 @@ def s3diff_like_dict(kind: str = "rcod_s", seed: int = 0, ranks: tuple[int, int]
         },
     }
     if kind == "rcod_s":
-        obj["state_dict_clip_proj"] = _random_projection(unet, g).state_dict()
+        obj["state_dict_clip_proj"] = _random_projection(unet, g, family).state_dict()
     elif kind != "s3diff":
         raise ValueError(f"kind must be 's3diff' or 'rcod_s', got {kind!r}")
     return obj
