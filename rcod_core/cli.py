@@ -98,15 +98,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(mine), desc=f"rcod upscale [{index + 1}/{count}]" if count > 1 else "rcod upscale",
                unit="img", disable=args.quiet or None, position=index)
 
+    who = f"[{index + 1}/{count}] " if count > 1 else ""
+
     def report(res) -> None:
         bar.update(1)
         if res.status == "written":
             extra = f", M_L={res.metric:.3f}" if res.metric is not None else ""
-            tqdm.write(f"{res.source} -> {res.output} (t={res.timesteps}{extra})")
+            tqdm.write(f"{who}{res.source} -> {res.output} (t={res.timesteps}{extra})")
         elif res.status == "skipped":
-            tqdm.write(f"skip {res.source}: {res.message}")
+            tqdm.write(f"{who}skip {res.source}: {res.message}")
         else:
-            tqdm.write(f"FAILED {res.source}: {res.message}", file=sys.stderr)
+            tqdm.write(f"{who}FAILED {res.source}: {res.message}", file=sys.stderr)
 
     results = upscale_files(
         pipe, mine, Path(args.output), fmt=args.format, overwrite=args.overwrite, seed=args.seed, on_result=report,
@@ -132,9 +134,11 @@ def _process_state():
     """accelerate's process state when launched with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # without cpu=True accelerate forms no process group on a machine without CUDA
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

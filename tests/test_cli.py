@@ -196,31 +196,31 @@ def test_progress_and_cancel(photo):
 
 
 def test_two_processes_write_what_one_writes(tmp_path, photo):
+    """Two CPU processes (gloo; torchrun sets the env that accelerate reads — on GPUs use
+    ``accelerate launch --multi_gpu``; its ``--cpu --num_processes 2`` starts ONE process)."""
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
         photo.resize((16 + 8 * i, 16)).save(src / f"p{i}.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "rcod_core.cli", "upscale", str(src), "-o", str(tmp_path / "one"),
-                             "--tiny-smoke", "--quiet", "--device", "cpu"], env=env, capture_output=True, text=True)
+    cli = ["-m", "rcod_core.cli", "upscale", str(src), "--tiny-smoke", "--quiet", "--device", "cpu"]
+    single = subprocess.run([sys.executable, *cli, "-o", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    accelerate = Path(sys.executable).parent / "accelerate"
-    multi = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rcod_core.cli", "upscale",
-                            str(src), "-o", str(tmp_path / "two"), "--tiny-smoke", "--quiet"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    multi = subprocess.run([*torchrun, *cli, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                           timeout=300)
     assert multi.returncode == 0, multi.stderr[-2000:]
-    assert multi.stderr.count("rcod upscale: 3 written, 0 skipped, 0 failed") == 1, "one summary"
+    both = multi.stdout + multi.stderr
+    assert "[1/2]" in both and "[2/2]" in both, "both processes wrote files"
+    assert both.count("rcod upscale: 3 written, 0 skipped, 0 failed") == 1, "one summary for the whole run"
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     two = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert one == two == ["p0_rcod.png", "p1_rcod.png", "p2_rcod.png"]
     for name in one:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    rerun = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rcod_core.cli", "upscale",
-                            str(src), "-o", str(tmp_path / "two"), "--tiny-smoke", "--quiet"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert "0 written, 3 skipped, 0 failed" in rerun.stderr, "a re-run skips what is done"
+    rerun = subprocess.run([*torchrun, *cli, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert "0 written, 3 skipped, 0 failed" in rerun.stdout + rerun.stderr, "a re-run skips what is done"
 
 
 def test_download_is_explicit_and_offline_safe(tmp_path, monkeypatch, capsys):
