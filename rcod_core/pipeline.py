@@ -157,6 +157,12 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
     return module.to(device=device).eval()
 
 
+def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] decoder output → float32 [0, 1], in place (no extra full-size buffer)."""
+    x = x.float()
+    return x.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
+
+
 def default_vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
     """The VAE's precision when not given: ``dtype``, except fp16 for a VAE whose config asks to be
     upcast (SD 2.1's ``force_upcast``: its decoder overflows in fp16) → fp32. bf16 has fp32's range."""
@@ -366,7 +372,7 @@ class RCODPipeline:
         """Scaled latents → images in [0, 1] (float32)."""
         z = z.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
         x = self.vae.decode(z, return_dict=False)[0]
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return _to_unit_range(x)
 
     # -- all together --------------------------------------------------------------------------
     def plan_tiles(self, height: int, width: int, tile: TileSpec = "none", tile_overlap: int = 32,
@@ -480,7 +486,7 @@ class RCODPipeline:
             z = z_h.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
             x = tiled_decode(self.vae, z, plan.vae_decode_tile_latent, plan.vae_decode_overlap_latent,
                              progress=tracker.stage(), cancel=tracker.cancel)
-            out = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+            out = _to_unit_range(x)
         else:
             out = self.decode(z_h)
             tracker.step()
