@@ -346,13 +346,18 @@ class RCODPipeline:
         """Images in [0, 1] whose sides are multiples of the latent factor → scaled latents (fp32)."""
         x = images.to(self.device, self.vae_dtype) * 2.0 - 1.0
         dist = self.vae.encode(x).latent_dist
-        if latent == "mode":
-            z = dist.mode()
-        elif latent == "sample":
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else None, dtype=dist.mean.dtype).to(dist.mean.device)
-        else:
+        return self._scaled_latent(dist.mean, dist.std, latent, generator)
+
+    def _scaled_latent(self, mean: torch.Tensor, std: torch.Tensor, latent: LatentMode,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """The posterior's mode (= mean) or a seeded sample, shifted and scaled (fp32)."""
+        if latent == "sample":
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                device=generator.device if generator is not None else None)
+            mean = mean + std * noise.to(mean.device)
+        elif latent != "mode":
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
-        return ((z.float() - self.shift_factor) * self.scaling_factor)
+        return (mean.float() - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def denoise(
@@ -445,12 +450,7 @@ class RCODPipeline:
             x = padded[i : i + 1].to(self.device, self.vae_dtype) * 2.0 - 1.0
             mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
                                      progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
-            z = mean
-            if latent == "sample":
-                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                                    device=generator.device if generator is not None else None)
-                z = mean + std * noise.to(mean.device)
-            latents.append((z.float() - self.shift_factor) * self.scaling_factor)
+            latents.append(self._scaled_latent(mean, std, latent, generator))
         self.select_sample(state, None)
         return torch.cat(latents)
 
