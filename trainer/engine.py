@@ -365,10 +365,10 @@ class Trainer:
         return hr, lr, lr_up, indices
 
     # one micro-step per model kind
-    def _step_rcod_o(self, hr, lr, lr_up, indices, logs):
-        cfg, acc = self.cfg, self.accelerator
-        w = cfg["loss"]
-        gen_u = acc.unwrap_model(self.generator)
+    def _generate(self, hr, lr, lr_up, indices, logs):
+        """The generator's forward and its reconstruction losses (L2 + LPIPS), shared by both models."""
+        w = self.cfg["loss"]
+        gen_u = self.accelerator.unwrap_model(self.generator)
         latent_shape = (gen_u.vae.config.latent_channels, hr.shape[-2] // 8, hr.shape[-1] // 8)
         draws = self._draws(indices, latent_shape)
         out = self.generator(lr_up, hr, draws["noise_lr"], draws["noise_hr"], lr=lr)
@@ -380,6 +380,12 @@ class Trainer:
             loss_lp = self.lpips(out["x_pred"].float(), target.float()).mean()
             loss = loss + w["lpips"] * loss_lp
             logs["loss_lpips"] = float(loss_lp.detach())
+        return gen_u, draws, out, target, loss
+
+    def _step_rcod_o(self, hr, lr, lr_up, indices, logs):
+        cfg, acc = self.cfg, self.accelerator
+        w = cfg["loss"]
+        gen_u, draws, out, target, loss = self._generate(hr, lr, lr_up, indices, logs)
         if w["vsd"] > 0:
             reg_u = acc.unwrap_model(self.regulariser)
             t_r = self._das(indices, out["t"])
@@ -409,18 +415,7 @@ class Trainer:
     def _step_rcod_s(self, hr, lr, lr_up, indices, logs):
         cfg, acc = self.cfg, self.accelerator
         w = cfg["loss"]
-        gen_u = acc.unwrap_model(self.generator)
-        latent_shape = (gen_u.vae.config.latent_channels, hr.shape[-2] // 8, hr.shape[-1] // 8)
-        draws = self._draws(indices, latent_shape)
-        out = self.generator(lr_up, hr, draws["noise_lr"], draws["noise_hr"], lr=lr)
-        target = hr * 2 - 1
-        loss_l2 = F.mse_loss(out["x_pred"].float(), target.float())
-        loss = w["l2"] * loss_l2
-        logs["loss_l2"] = float(loss_l2.detach())
-        if self.lpips is not None:
-            loss_lp = self.lpips(out["x_pred"].float(), target.float()).mean()
-            loss = loss + w["lpips"] * loss_lp
-            logs["loss_lpips"] = float(loss_lp.detach())
+        gen_u, draws, out, target, loss = self._generate(hr, lr, lr_up, indices, logs)
         if self.discriminator is not None:
             disc_u = acc.unwrap_model(self.discriminator)
             disc_u.requires_grad_(False)  # the generator's GAN loss must not touch D's gradients
