@@ -100,30 +100,24 @@ class Meter:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "ru_maxrss_process"
 
     # -- time --
+    def _timed(self, fn: Callable[[], object]) -> float:
+        """One synchronised call of ``fn`` in ms (a CUDA-graph step begins before it)."""
+        if self.mark_step is not None:
+            self.mark_step()
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        elapsed = (time.perf_counter() - t0) * 1e3
+        del out
+        return elapsed
+
     def measure(self, fn: Callable[[], object], warmup: Optional[int] = None) -> dict:
         warmup = self.warmup if warmup is None else warmup
         self.reset_peak()
-        first_ms = None
-        for i in range(warmup):
-            if self.mark_step is not None:
-                self.mark_step()
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn()
-            self.sync()
-            if i == 0:
-                first_ms = (time.perf_counter() - t0) * 1e3
-            del out
-        times = []
-        for _ in range(self.repeats):
-            if self.mark_step is not None:
-                self.mark_step()
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn()
-            self.sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-            del out
+        warm = [self._timed(fn) for _ in range(warmup)]
+        first_ms = warm[0] if warm else None
+        times = [self._timed(fn) for _ in range(self.repeats)]
         peak, kind = self.peak_bytes()
         return {
             "median_ms": statistics.median(times),
