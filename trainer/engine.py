@@ -15,7 +15,6 @@ the run folder names the newest one. Resume reads the step from the JSON, never 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -29,7 +28,7 @@ from . import config as config_mod
 from .data import (DataError, HRCropDataset, PairedCropDataset, StreamSampler, ValidationSet, centre_crop, generator,
                    image_size, list_images, load_image, pair_files, to_tensor)
 from .degradations import DegradationConfig, RealESRGANDegradation
-from .losses import LPIPS, build_discriminator, build_lpips, gan_loss, vsd_loss
+from .losses import build_discriminator, build_lpips, gan_loss, vsd_loss
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest.json"
@@ -328,7 +327,6 @@ class Trainer:
 
     # per-sample random draws
     def _draws(self, indices: list[int], latent_shape) -> dict:
-        from rcod_core.grouping import sample_regulariser_timestep
 
         n_lr, n_hr, n_vsd, n_reg, t_reg = [], [], [], [], []
         for k in indices:
@@ -365,6 +363,16 @@ class Trainer:
         return hr, lr, lr_up, indices
 
     # one micro-step per model kind
+    def _update(self, loss, params, opt, sched) -> None:
+        """backward (accumulation-aware), clip, step the optimiser and its schedule, clear grads."""
+        acc, max_norm = self.accelerator, self.cfg["optim"]["max_grad_norm"]
+        acc.backward(loss)
+        if acc.sync_gradients and max_norm:
+            acc.clip_grad_norm_(params, max_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
     def _generate(self, hr, lr, lr_up, indices, logs):
         """The generator's forward and its reconstruction losses (L2 + LPIPS), shared by both models."""
         w = self.cfg["loss"]
@@ -394,20 +402,10 @@ class Trainer:
             loss_vsd = vsd_loss(out["z_pred"], x0_fake, x0_real)
             loss = loss + w["vsd"] * loss_vsd
             logs["loss_vsd"] = float(loss_vsd.detach())
-        acc.backward(loss)
-        if acc.sync_gradients and cfg["optim"]["max_grad_norm"]:
-            acc.clip_grad_norm_(self.gen_params, cfg["optim"]["max_grad_norm"])
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._update(loss, self.gen_params, self.opt, self.sched)
         if self.regulariser is not None and w["vsd_lora"] > 0:
             loss_d = self.regulariser(out["z_pred"].detach(), out["tokens"].detach(), draws["t_reg"], draws["noise_reg"])
-            acc.backward(w["vsd_lora"] * loss_d)
-            if acc.sync_gradients and cfg["optim"]["max_grad_norm"]:
-                acc.clip_grad_norm_(self.reg_params, cfg["optim"]["max_grad_norm"])
-            self.opt_reg.step()
-            self.sched_reg.step()
-            self.opt_reg.zero_grad(set_to_none=True)
+            self._update(w["vsd_lora"] * loss_d, self.reg_params, self.opt_reg, self.sched_reg)
             logs["loss_reg"] = float(loss_d.detach())
         logs["loss"] = float(loss.detach())
         return out
@@ -424,22 +422,12 @@ class Trainer:
                 p.requires_grad_(True)
             loss = loss + w["gan"] * loss_g
             logs["loss_gan_g"] = float(loss_g.detach())
-        acc.backward(loss)
-        if acc.sync_gradients and cfg["optim"]["max_grad_norm"]:
-            acc.clip_grad_norm_(self.gen_params, cfg["optim"]["max_grad_norm"])
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._update(loss, self.gen_params, self.opt, self.sched)
         if self.discriminator is not None:
             b = hr.shape[0]
             logits = self.discriminator(torch.cat([target, out["x_pred"].detach()]))
             loss_d = gan_loss([l[:b] for l in logits], True) + gan_loss([l[b:] for l in logits], False)
-            acc.backward(w["gan"] * loss_d)
-            if acc.sync_gradients and cfg["optim"]["max_grad_norm"]:
-                acc.clip_grad_norm_(self.disc_params, cfg["optim"]["max_grad_norm"])
-            self.opt_disc.step()
-            self.sched_disc.step()
-            self.opt_disc.zero_grad(set_to_none=True)
+            self._update(w["gan"] * loss_d, self.disc_params, self.opt_disc, self.sched_disc)
             logs["loss_gan_d"] = float(loss_d.detach())
         logs["loss"] = float(loss.detach())
         return out
@@ -515,7 +503,6 @@ class Trainer:
 
     # checkpoints
     def export(self) -> "Checkpoint":
-        from rcod_core.checkpoints import merge_checkpoints
         from .models import export_checkpoint
 
         if self.cfg["model"] == "mem":
