@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_management, node_errors, resolve_model
+from .common import CATEGORY, MODEL, model_dirs, model_files, model_management, node_errors, resolve_model
 
 AUTO = "auto (from checkpoint)"
 NONE = "none"

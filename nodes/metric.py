@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from .common import CATEGORY, MODEL, node_errors, to_bchw, ui_values
 

@@ -17,7 +17,7 @@ plus ``quant_conv``. The release never sets ``lora_alpha``, so peft's default 8 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch

@@ -7,7 +7,6 @@ Used by ``rcod upscale`` (also under ``accelerate launch``: :func:`shard` splits
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence

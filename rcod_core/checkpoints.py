@@ -23,7 +23,6 @@ the :class:`~rcod_core.spec.ModelSpec` as JSON, so one file fully describes a mo
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import struct

@@ -23,7 +23,6 @@ from torch import nn
 from .ldm_export import own_storage_
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, merge_checkpoints, read_file
 from .models import CONFIG_ROOT, BaseModels, build_clip_vision, family_dir, load_config
-from .spec import ModelSpec
 
 PathLike = Union[str, os.PathLike]
 LDM_UNET_PREFIX = "model.diffusion_model."

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rcod_core.build import tiny_pipeline
 from rcod_core.degradation import DegradationLoraConv2d, DegradationLoraLinear, MatrixSlot, fourier_embedding

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -205,9 +204,6 @@ def _model(path: Path) -> dict:
 
 
 def test_kill_and_resume_is_bitwise(tmp_path):
-    from trainer import config as C
-    from trainer.engine import train
-
     n = 1
     cfg = _config(tmp_path, train={"max_steps": 2 * n})
     # the uninterrupted reference runs in a fresh process too: earlier tests in this process may have

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 import numpy as np
 import torch

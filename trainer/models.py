@@ -15,9 +15,7 @@ computation does not depend on the batch it is in.
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,10 +25,10 @@ from torch import nn
 from rcod_core import adapters
 from rcod_core.checkpoints import Checkpoint, load_checkpoint
 from rcod_core.degradation import (
-    DEResNet, DegradationGuidance, MatrixSlot, MetricEstimator, UNET_BLOCKS, VAE_BLOCKS, fourier_embedding,
+    DEResNet, DegradationGuidance, MatrixSlot, UNET_BLOCKS, VAE_BLOCKS, fourier_embedding,
     inject_degradation_lora, s3diff_unet_modules, s3diff_vae_modules, unet_block_index, vae_block_index,
 )
-from rcod_core.grouping import PaperRule, ThresholdRule, latent_metric, make_rule, select_timestep
+from rcod_core.grouping import PaperRule, ThresholdRule, latent_metric, select_timestep
 from rcod_core.models import BaseModels, build_models
 from rcod_core.pipeline import one_step
 from rcod_core.prompting import VisualPromptEncoder, preprocess_for_clip
