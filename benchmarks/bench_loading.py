@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rcod_core.build import assemble  # noqa: E402
 from rcod_core.checkpoints import convert, load_checkpoint, merge_checkpoints  # noqa: E402
-from rcod_core.degradation import assemble_s3  # noqa: E402
+from rcod_core.build import assemble_s3  # noqa: E402
 from rcod_core.models import build_models  # noqa: E402
-from rcod_core.tiny import de_net_state, osediff_like_dict, s3diff_like_dict  # noqa: E402
+from rcod_core.testing.tiny import de_net_state, osediff_like_dict, s3diff_like_dict  # noqa: E402
 
 
 def timed(fn):

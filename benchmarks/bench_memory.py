@@ -19,7 +19,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from rcod_core.build import assemble, tiny_pipeline
+from rcod_core.build import assemble
+from rcod_core.testing.tiny import tiny_pipeline
 from rcod_core.models import build_models
 from rcod_core.spec import ModelSpec
 torch.set_num_threads({threads})

@@ -21,9 +21,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rcod_core.checkpoints import canonicalize, merge_checkpoints  # noqa: E402
-from rcod_core.degradation import assemble_s3  # noqa: E402
+from rcod_core.build import assemble_s3  # noqa: E402
 from rcod_core.models import build_models  # noqa: E402
-from rcod_core.tiny import de_net_state, mem_dict, s3diff_like_dict  # noqa: E402
+from rcod_core.testing.tiny import de_net_state, mem_dict, s3diff_like_dict  # noqa: E402
 
 
 class TwoPassCFG(nn.Module):

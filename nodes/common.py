@@ -27,9 +27,11 @@ PROMPT = "RCOD_PROMPT"
 #: the LATENT key where RCOD Encode keeps what Denoise/Decode need (ComfyUI's latent nodes copy extra keys)
 LATENT_KEY = "rcod"
 
-PRESETS = ("Fidelity", "Neutral", "Realism", "Adaptive", "Custom")
-#: what the t widget shows for a preset (the model may use the release's 249/499/749: the node reports it)
-PRESET_T = {"Fidelity": 250, "Neutral": 500, "Realism": 750}
+from rcod_core.grouping import preset_timesteps  # noqa: E402  (after the path fix above)
+
+#: what the t widget shows for a preset: the paper's t (a model may run the release's 249/499/749; the node reports it)
+PRESET_T = {name.capitalize(): t for name, t in preset_timesteps("paper").items()}
+PRESETS = (*PRESET_T, "Adaptive", "Custom")
 X0_MODES = ("model default", "official", "paper", "base")
 CHECKPOINT_EXTENSIONS = {".safetensors", ".pkl", ".pth", ".pt", ".ckpt", ".bin", ".sft"}
 
@@ -142,7 +144,8 @@ def x0_value(x0_mode: str) -> Optional[str]:
 
 def realism_inputs(default: str = "Neutral") -> dict:
     return {
-        "preset": (list(PRESETS), {"default": default, "tooltip":
+        # rcod_preset_t: the web extension keeps the t widget in sync from this (no copy of the presets there)
+        "preset": (list(PRESETS), {"default": default, "rcod_preset_t": dict(PRESET_T), "tooltip":
                    "Fidelity / Neutral / Realism = t 250 / 500 / 750 (larger t: more generated detail). "
                    "Adaptive: MEM estimates M_L and picks t per image (needs an RCOD_S model with MEM). "
                    "Custom: use t below."}),

@@ -83,7 +83,7 @@ class RCODModelLoader:
         }
 
     def load(self, checkpoint, base=AUTO, clip_vision=AUTO, dtype="auto", device="auto", mem=NONE):
-        from rcod_core.cli import resolve_dtype
+        from rcod_core.devices import resolve_dtype
         from rcod_core.loader import load_pipeline
 
         with node_errors("RCOD Model Loader"):

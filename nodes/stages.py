@@ -22,7 +22,8 @@ def _cpu(state: dict) -> dict:
 
 def prepared_from_latent(pipe, latent: dict, node: str, progress=None):
     """Rebuild rcod_core's :class:`Prepared` from a LATENT made by RCOD Encode (or say why not)."""
-    from rcod_core.pipeline import Prepared, Tracker
+    from rcod_core.pipeline import Prepared
+    from rcod_core.progress import Progress as Tracker
 
     z = latent["samples"]
     info = latent.get(LATENT_KEY)

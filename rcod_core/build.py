@@ -1,7 +1,13 @@
-"""Assemble a runnable :class:`~rcod_core.pipeline.RCODPipeline` from base models, a spec and weights.
+"""Assemble the model core (:class:`~rcod_core.model.RCODModel`) from base models, a spec and weights,
+and a runnable :class:`~rcod_core.pipeline.RCODPipeline` around it.
 
-Order matters for precision: adapters are injected and loaded in fp32, merged (default), and only
-then moved to the device and cast.
+* :func:`build_osediff_model` — RCOD_O / OSEDiff: peft LoRA in the OSEDiff layout, VPIM projection.
+* :func:`build_s3_model` — RCOD_S / S3Diff: degradation-guided LoRA, DEResNet, MEM, VPIM projection.
+* :func:`build_model` — either, from canonical weight groups (``None``: fresh trainable init).
+* :func:`assemble` / :func:`assemble_s3` — the same wrapped in a pipeline on a device.
+
+The trainer builds its generators with these functions too. Order matters for precision: adapters
+are injected and loaded in fp32, merged (inference default), and only then moved and cast.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import torch
 from torch import nn
 
 from . import adapters
-from .models import BaseModels, build_models, randomize_lora, randomize_parameters
+from .guided_lora import DegradationConditioning
+from .mem import MetricEstimator
+from .model import RCODModel
+from .models import BaseModels, randomize_lora, randomize_parameters
 from .pipeline import RCODPipeline
 from .prompting import VisualPromptEncoder
 from .spec import ModelSpec
@@ -60,6 +69,125 @@ def layout_from_spec(spec: ModelSpec, base: BaseModels) -> adapters.LoraLayout:
     return adapters.LoraLayout(groups, vae_groups, spec.rank_unet, spec.rank_vae, spec.lora_alpha)
 
 
+OSEDIFF_KINDS = ("rcod_o", "osediff")
+S3_KINDS = ("rcod_s", "s3diff")
+Groups = Mapping[str, StateDict]
+
+
+def _prompt_encoder(base: BaseModels, spec: ModelSpec, unet: nn.Module) -> Optional[VisualPromptEncoder]:
+    if not spec.uses_vpim:
+        return None
+    if base.clip_vision is None:
+        raise ValueError(f"a {spec.kind} model needs a CLIP vision model for VPIM")
+    return VisualPromptEncoder(base.clip_vision.float(), unet.config.cross_attention_dim, spec.vpim_preprocess)
+
+
+def build_osediff_model(
+    base: BaseModels,
+    spec: ModelSpec,
+    unet_state: Optional[StateDict] = None,
+    vae_state: Optional[StateDict] = None,
+    projection_state: Optional[StateDict] = None,
+    merge: bool = True,
+    prompt_embeds: torch.Tensor | None = None,
+    lora_generator: torch.Generator | None = None,
+) -> RCODModel:
+    """OSEDiff-layout model (RCOD_O / OSEDiff) from base models and its trained weights.
+
+    ``unet_state`` / ``vae_state`` use the release's key names (peft names, e.g.
+    ``conv_in.base_layer.weight``, ``...to_q.lora_A.default_encoder.weight``). With no state and a
+    ``lora_generator``, the LoRA gets seeded random weights (tests, demos, benchmarks); with neither,
+    peft's init (training from scratch). The base models are modified in place (adapters injected).
+    """
+    if spec.kind not in OSEDIFF_KINDS:
+        raise ValueError(f"build_osediff_model() builds OSEDiff-layout models {OSEDIFF_KINDS}, got kind {spec.kind!r}")
+    check_base_family(base, spec)
+    unet, vae = base.unet.float(), base.vae.float()
+    adapters.apply_layout(unet, vae, layout_from_spec(spec, base))
+    if lora_generator is not None:
+        randomize_lora(unet, lora_generator)
+        randomize_lora(vae, lora_generator)
+    if unet_state is not None:
+        load_partial_state(unet, unet_state, "state_dict_unet", ("lora", "conv_in"))
+    if vae_state is not None:
+        load_partial_state(vae, vae_state, "state_dict_vae", ("lora",))
+    if merge:
+        adapters.merge_lora(unet)
+        adapters.merge_lora(vae)
+    prompt_encoder = _prompt_encoder(base, spec, unet)
+    if prompt_encoder is not None:
+        if projection_state is not None:
+            load_partial_state(prompt_encoder.projection, projection_state, "state_dict_proj", ("weight", "bias"))
+        elif lora_generator is not None:
+            randomize_parameters(prompt_encoder.projection, lora_generator)
+    return RCODModel(unet, vae, prompt_encoder, spec, base.scheduler_config, prompt_embeds=prompt_embeds)
+
+
+def _load_all(module: nn.Module, state: StateDict, what: str) -> None:
+    load_partial_state(module, state, what, required_substrings=("",))
+
+
+def build_s3_model(
+    base: BaseModels,
+    spec: ModelSpec,
+    groups: Optional[Groups] = None,
+    prompt_embeds: torch.Tensor | None = None,
+    fresh: tuple[str, ...] = (),
+) -> RCODModel:
+    """RCOD_S / S3Diff from base models (SD-Turbo) and canonical weight groups.
+
+    ``groups=None`` gives a fresh model to train (S3Diff's initialisation; the global RNG draws it);
+    otherwise every group a trained model needs must be there (``de_net`` from ``de_net.pth``;
+    ``mem`` optional), except those named in ``fresh`` (``"projection"``: start RCOD_S training
+    from S3Diff, which has none). Spec module lists default to S3Diff's target rules.
+    """
+    from .guided_lora import UNET_BLOCKS, VAE_BLOCKS, s3diff_unet_modules, s3diff_vae_modules
+
+    if spec.kind not in S3_KINDS:
+        raise ValueError(f"build_s3_model() builds {S3_KINDS}, got kind {spec.kind!r}")
+    check_base_family(base, spec)
+    if groups is not None and "de_net" not in groups:
+        raise ValueError(f"a {spec.kind} model needs the DEResNet weights (de_net.pth): pass it as an extra file")
+    unet, vae = base.unet.float(), base.vae.float()
+    unet_groups = spec.unet_lora_groups or {"default": s3diff_unet_modules(unet)}
+    vae_groups = spec.vae_lora_groups or {"vae_skip": s3diff_vae_modules(vae)}
+    n_unet = groups["unet_block_embeddings"]["weight"].shape[0] if groups is not None else UNET_BLOCKS
+    n_vae = groups["vae_block_embeddings"]["weight"].shape[0] if groups is not None else VAE_BLOCKS
+    conditioning = DegradationConditioning.inject(unet, vae, unet_groups, vae_groups, spec.rank_unet, spec.rank_vae,
+                                                  spec.lora_alpha, n_unet, n_vae)
+    prompt_encoder = _prompt_encoder(base, spec, unet)
+    mem = None
+    if groups is not None:
+        load_partial_state(unet, groups["unet"], "state_dict_unet", ("lora", "conv_in"))
+        load_partial_state(vae, groups["vae"], "state_dict_vae", ("lora",))
+        for name, g in (("unet", conditioning.unet_guidance), ("vae", conditioning.vae_guidance)):
+            _load_all(g.de_mlp, groups[f"{name}_de_mlp"], f"state_dict_{name}_de_mlp")
+            _load_all(g.block_mlp, groups[f"{name}_block_mlp"], f"state_dict_{name}_block_mlp")
+            _load_all(g.fuse_mlp, groups[f"{name}_fuse_mlp"], f"state_dict_{name}_fuse_mlp")
+            _load_all(g.block_embeddings, groups[f"{name}_block_embeddings"], f"state_embeddings[state_dict_{name}_block]")
+        _load_all(conditioning.de_net, groups["de_net"], "de_net.pth")
+        conditioning.w.copy_(groups["fourier"]["w"].float())
+        if "mem" in groups:
+            mem = MetricEstimator(conditioning.feature_dim)
+            _load_all(mem.linear, groups["mem"], "MEM state_dict_clip_proj")
+        if prompt_encoder is not None and not ("projection" in fresh and "projection" not in groups):
+            if "projection" not in groups:
+                raise ValueError(f"a {spec.kind} model needs its VPIM projection (state_dict_clip_proj); the weights have none")
+            _load_all(prompt_encoder.projection, groups["projection"], "state_dict_clip_proj")
+    return RCODModel(unet, vae, prompt_encoder, spec, base.scheduler_config, prompt_embeds=prompt_embeds,
+                     conditioning=conditioning, mem=mem)
+
+
+def build_model(base: BaseModels, spec: ModelSpec, groups: Optional[Groups] = None, merge: bool = True,
+                prompt_embeds: torch.Tensor | None = None) -> RCODModel:
+    """Any kind from canonical weight groups (:class:`~rcod_core.checkpoints.Checkpoint` groups)."""
+    if spec.kind in S3_KINDS:
+        return build_s3_model(base, spec, groups, prompt_embeds)
+    groups = groups or {}
+    return build_osediff_model(base, spec, groups.get("unet"), groups.get("vae"), groups.get("projection"),
+                               merge=merge, prompt_embeds=prompt_embeds)
+
+
 def assemble(
     base: BaseModels,
     spec: ModelSpec,
@@ -73,85 +201,19 @@ def assemble(
     prompt_embeds: torch.Tensor | None = None,
     lora_generator: torch.Generator | None = None,
 ) -> RCODPipeline:
-    """OSEDiff-layout model (RCOD_O / OSEDiff) from base models and its trained weights.
-
-    ``unet_state`` / ``vae_state`` use the release's key names (peft names, e.g.
-    ``conv_in.base_layer.weight``, ``...to_q.lora_A.default_encoder.weight``). With no state and a
-    ``lora_generator``, the LoRA gets seeded random weights (tests, demos, benchmarks).
-    The base models are modified in place (adapters injected); pass fresh ones.
-    """
-    if spec.kind not in ("rcod_o", "osediff"):
-        raise ValueError(f"assemble() builds OSEDiff-layout models (rcod_o, osediff), got kind {spec.kind!r}")
-    check_base_family(base, spec)
-    unet, vae = base.unet.float(), base.vae.float()
-    layout = layout_from_spec(spec, base)
-    adapters.apply_layout(unet, vae, layout)
-    if lora_generator is not None:
-        randomize_lora(unet, lora_generator)
-        randomize_lora(vae, lora_generator)
-    if unet_state is not None:
-        load_partial_state(unet, unet_state, "state_dict_unet", ("lora", "conv_in"))
-    if vae_state is not None:
-        load_partial_state(vae, vae_state, "state_dict_vae", ("lora",))
-    if merge:
-        adapters.merge_lora(unet)
-        adapters.merge_lora(vae)
-
-    prompt_encoder = None
-    if spec.uses_vpim:
-        if base.clip_vision is None:
-            raise ValueError(f"a {spec.kind} model needs a CLIP vision model for VPIM")
-        prompt_encoder = VisualPromptEncoder(base.clip_vision.float(), unet.config.cross_attention_dim, spec.vpim_preprocess)
-        if projection_state is not None:
-            load_partial_state(prompt_encoder.projection, projection_state, "state_dict_proj", ("weight", "bias"))
-        elif lora_generator is not None:
-            randomize_parameters(prompt_encoder.projection, lora_generator)
-    return RCODPipeline(
-        unet, vae, prompt_encoder, spec, base.scheduler_config,
-        device=device, dtype=dtype, vae_dtype=vae_dtype, prompt_embeds=prompt_embeds,
-    )
+    """:func:`build_osediff_model` in a pipeline on ``device`` in ``dtype``."""
+    model = build_osediff_model(base, spec, unet_state, vae_state, projection_state, merge, prompt_embeds, lora_generator)
+    return RCODPipeline(model, device=device, dtype=dtype, vae_dtype=vae_dtype)
 
 
-def tiny_pipeline(
-    kind: str = "rcod_o",
-    seed: int = 0,
-    merge: bool = True,
+def assemble_s3(
+    base: BaseModels,
+    spec: ModelSpec,
+    groups: Groups,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    **spec_overrides,
+    vae_dtype: torch.dtype | None = None,
+    prompt_embeds: torch.Tensor | None = None,
 ) -> RCODPipeline:
-    """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs.
-
-    RCOD_S / S3Diff get the release's file layout written by :mod:`rcod_core.tiny` (with MEM for
-    RCOD_S), so they run through exactly the loading path of real checkpoints.
-    """
-    if kind in ("rcod_s", "s3diff"):
-        return _tiny_s3_pipeline(kind, seed, device, dtype, **spec_overrides)
-    spec = ModelSpec.for_kind(kind, **spec_overrides)
-    base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
-    generator = torch.Generator().manual_seed(seed + 1)
-    prompt_embeds = None
-    if not spec.uses_vpim:
-        prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
-    return assemble(base, spec, merge=merge, device=device, dtype=dtype, lora_generator=generator, prompt_embeds=prompt_embeds)
-
-
-def _tiny_s3_pipeline(kind: str, seed: int, device, dtype, **spec_overrides):
-    import dataclasses
-
-    from .checkpoints import canonicalize, merge_checkpoints
-    from .degradation import assemble_s3
-    from .tiny import de_net_state, mem_dict, s3diff_like_dict
-
-    ckpt = canonicalize(s3diff_like_dict(kind, seed), kind)
-    parts = [canonicalize(de_net_state(seed), "de_net")]
-    if kind == "rcod_s":
-        parts.append(canonicalize(mem_dict(seed), "rcod_s_mem"))
-    ckpt = merge_checkpoints(ckpt, *parts)
-    spec = dataclasses.replace(ckpt.spec, **spec_overrides) if spec_overrides else ckpt.spec
-    base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
-    prompt_embeds = None
-    if not spec.uses_vpim:
-        generator = torch.Generator().manual_seed(seed + 1)
-        prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
-    return assemble_s3(base, spec, ckpt.groups, device=device, dtype=dtype, prompt_embeds=prompt_embeds)
+    """:func:`build_s3_model` in a pipeline on ``device`` in ``dtype``."""
+    return RCODPipeline(build_s3_model(base, spec, groups, prompt_embeds), device=device, dtype=dtype, vae_dtype=vae_dtype)

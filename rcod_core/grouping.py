@@ -2,15 +2,19 @@
 
 * :func:`latent_metric` — ``M_L = cos(z_L, z_H)``, the cosine similarity of the flattened VAE
   latents of the LR and HR image, one value per sample (Eq. 4).
+* :class:`GroupingRule` — the rule as data (kind ``paper`` | ``official`` | ``edges``, n, k, the M_L
+  bounds or edges, the timesteps), stored in a model's :class:`~rcod_core.spec.ModelSpec` and so
+  in its ``.safetensors`` metadata; training, adaptive inference and the nodes read it from there.
 * :func:`select_timestep` — the timestep of a sample's group from its ``M_L``:
 
-  - :class:`PaperRule` (Eq. 5): ``t = k · (n − ⌊n (M_L − M_min) / (M_max − M_min)⌋)``, the floor
-    clamped to ``[0, n−1]`` so that ``M_L ≥ M_max`` lands in the last group and ``M_L < M_min`` in
-    the first. The defaults ``M_min = 0.3, M_max = 0.9, n = 3`` put the group edges at 0.5 and 0.7,
-    the thresholds of the release; with ``n = 4`` use ``M_min = 0.1`` for edges 0.3 / 0.5 / 0.7.
-    ``k · n`` may exceed the last trained timestep (``n = 4`` → 1000); it is clamped to 999.
-  - :class:`ThresholdRule` (official release): ``M_L < 0.5 → 749``, ``< 0.7 → 499``, else ``249``;
-    ``n = 4`` adds ``M_L < 0.3 → 999``.
+  - ``paper`` (Eq. 5): ``t = k · (n − ⌊n (M_L − M_min) / (M_max − M_min)⌋)``, the floor clamped to
+    ``[0, n−1]`` so that ``M_L ≥ M_max`` lands in the last group and ``M_L < M_min`` in the first.
+    M_min / M_max are the minimum and maximum of M_L over the training data (measured by
+    ``rcod-train scan-metric`` with the frozen base VAE). ``k · n`` may exceed the last trained
+    timestep (``n = 4`` → 1000); it is clamped to 999.
+  - ``official`` (the release, Eq. 6): ``M_L < 0.5 → 749``, ``< 0.7 → 499``, else ``249``;
+    ``n = 4`` adds ``M_L < 0.3 → 999``. Files without a rule (the release's pickles) use it.
+  - ``edges``: explicit M_L edges (e.g. a scan's quantiles) with their timesteps.
 
 * :func:`resolve_realism` — presets Fidelity / Neutral / Realism = t 250 / 500 / 750 (the release
   runs 249 / 499 / 749) or any integer t in [1, 999]. Realism grows with t (paper Table 2).
@@ -20,8 +24,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -55,71 +60,162 @@ def latent_metric(z_l: torch.Tensor, z_h: torch.Tensor, eps: float = 1e-8) -> to
     return (num / den.clamp_min(eps)).clamp(-1.0, 1.0).to(torch.float32)
 
 
-@dataclass(frozen=True)
-class PaperRule:
-    """Eq. 5 with its constants (``k`` group width in timesteps, ``n ≤ 4`` groups)."""
+#: The release's thresholds and timesteps per group count (lowest M_L first).
+OFFICIAL_THRESHOLDS: dict[int, tuple[tuple[float, ...], tuple[int, ...]]] = {
+    3: ((0.5, 0.7), (749, 499, 249)),
+    4: ((0.3, 0.5, 0.7), (999, 749, 499, 249)),
+}
 
-    k: int = 250
+
+RuleKind = Literal["paper", "official", "edges"]
+RULE_KINDS: tuple[str, ...] = ("paper", "official", "edges")
+
+
+def _edge_timesteps(k: int, n: int) -> tuple[int, ...]:
+    """Eq. 5's timestep of each group, lowest M_L first: ``k · (n − g)`` for g = 0 … n−1 (≤ 999)."""
+    return tuple(min(k * (n - g), MAX_TIMESTEP) for g in range(n))
+
+
+@dataclass(frozen=True)
+class GroupingRule:
+    """How LDG maps a sample's latent metric M_L to its timestep — data that travels with a model.
+
+    * ``kind="paper"`` (Eq. 5): ``t = k · (n − ⌊n (M_L − M_min) / (M_max − M_min)⌋)``, the floor
+      clamped to ``[0, n−1]``. ``m_min`` / ``m_max`` are the minimum and maximum of M_L over the
+      training data (``rcod-train scan-metric`` measures them); there are no default bounds.
+    * ``kind="official"``: the release's fixed thresholds for ``n = 3`` (0.5 / 0.7 → 749 / 499 / 249)
+      or ``n = 4`` (adds 0.3 → 999).
+    * ``kind="edges"``: explicit ascending M_L ``edges`` (e.g. quantiles of a scan):
+      ``M_L < edges[i] → timesteps[i]``, else ``timesteps[-1]``; ``timesteps`` default to Eq. 5's
+      ``k · (n − g)`` with ``n = len(edges) + 1``.
+
+    ``timesteps`` always ends up filled in: the t of each group, lowest M_L (most degraded) first.
+    An M_L exactly on an edge belongs to the upper group (the release's ``>=``).
+    """
+
+    kind: RuleKind = "official"
     n: int = 3
-    m_min: float = 0.3
-    m_max: float = 0.9
+    k: int = 250
+    m_min: Optional[float] = None
+    m_max: Optional[float] = None
+    edges: tuple[float, ...] = ()
+    timesteps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n <= 4:
-            raise ValueError(f"PaperRule.n must be in [1, 4] (paper: n <= 4), got {self.n}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        if self.kind not in RULE_KINDS:
+            raise ValueError(f"grouping rule kind must be one of {RULE_KINDS}, got {self.kind!r}")
+        set_("edges", tuple(float(e) for e in self.edges))
+        set_("timesteps", tuple(int(t) for t in self.timesteps))
         if self.k < 1 or self.k > MAX_TIMESTEP:
-            raise ValueError(f"PaperRule.k must be in [1, {MAX_TIMESTEP}], got {self.k}")
-        if not self.m_max > self.m_min:
-            raise ValueError(f"PaperRule needs m_max > m_min, got m_min={self.m_min}, m_max={self.m_max}")
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    """Fixed thresholds of the release: ``M_L < thresholds[i] → timesteps[i]``, else ``timesteps[-1]``."""
-
-    thresholds: tuple[float, ...] = (0.5, 0.7)
-    timesteps: tuple[int, ...] = (749, 499, 249)
-
-    def __post_init__(self) -> None:
-        if len(self.timesteps) != len(self.thresholds) + 1:
-            raise ValueError(
-                f"ThresholdRule needs one more timestep than thresholds, got {len(self.thresholds)} "
-                f"thresholds and {len(self.timesteps)} timesteps"
-            )
-        if list(self.thresholds) != sorted(self.thresholds):
-            raise ValueError(f"ThresholdRule.thresholds must be ascending, got {self.thresholds}")
-        check_timestep(list(self.timesteps), name="ThresholdRule.timesteps")
+            raise ValueError(f"grouping rule k must be in [1, {MAX_TIMESTEP}], got {self.k}")
+        if self.kind == "official":
+            if self.n not in OFFICIAL_THRESHOLDS:
+                raise ValueError(f"the release defines thresholds for n = 3 and n = 4 only, got n={self.n}")
+            edges, steps = OFFICIAL_THRESHOLDS[self.n]
+            if self.edges and self.edges != edges or self.timesteps and self.timesteps != steps:
+                raise ValueError(f"the official rule for n={self.n} has edges {edges} and timesteps {steps}; "
+                                 f"use kind 'edges' for others")
+            set_("edges", edges)
+            set_("timesteps", steps)
+        elif self.kind == "paper":
+            if not 1 <= self.n <= 4:
+                raise ValueError(f"grouping rule n must be in [1, 4] (paper: n <= 4), got {self.n}")
+            if self.m_min is None or self.m_max is None:
+                raise ValueError("the paper rule (Eq. 5) needs m_min and m_max, the minimum and maximum of M_L over "
+                                 "the training data: measure them with `rcod-train scan-metric`")
+            if not (math.isfinite(self.m_min) and math.isfinite(self.m_max)) or not self.m_max > self.m_min:
+                raise ValueError(f"the paper rule needs finite m_max > m_min, got m_min={self.m_min}, m_max={self.m_max}")
+            set_("m_min", float(self.m_min))
+            set_("m_max", float(self.m_max))
+            if self.edges:
+                raise ValueError("the paper rule takes m_min/m_max, not edges (use kind 'edges')")
+            steps = _edge_timesteps(self.k, self.n)
+            if self.timesteps and self.timesteps != steps:
+                raise ValueError(f"Eq. 5 with k={self.k}, n={self.n} gives timesteps {steps}, not {self.timesteps}")
+            set_("timesteps", steps)
+        else:
+            if not self.edges:
+                raise ValueError("the edges rule needs at least one M_L edge")
+            if list(self.edges) != sorted(self.edges) or len(set(self.edges)) != len(self.edges):
+                raise ValueError(f"grouping rule edges must be strictly ascending, got {self.edges}")
+            if not all(math.isfinite(e) for e in self.edges):
+                raise ValueError(f"grouping rule edges must be finite, got {self.edges}")
+            set_("n", len(self.edges) + 1)
+            if not self.timesteps:
+                set_("timesteps", _edge_timesteps(self.k, self.n))
+            if len(self.timesteps) != len(self.edges) + 1:
+                raise ValueError(f"the edges rule needs one more timestep than edges, got {len(self.edges)} edges "
+                                 f"and {len(self.timesteps)} timesteps")
+        check_timestep(list(self.timesteps), name="grouping rule timesteps")
 
     @classmethod
-    def official(cls, n: int = 3) -> "ThresholdRule":
+    def official(cls, n: int = 3) -> "GroupingRule":
         """The release's thresholds for ``n = 3`` or ``n = 4`` groups."""
-        if n == 3:
-            return cls((0.5, 0.7), (749, 499, 249))
-        if n == 4:
-            return cls((0.3, 0.5, 0.7), (999, 749, 499, 249))
-        raise ValueError(f"the release defines thresholds for n = 3 and n = 4 only, got n={n}")
+        return cls(kind="official", n=n)
+
+    @classmethod
+    def paper(cls, m_min: float, m_max: float, n: int = 3, k: int = 250) -> "GroupingRule":
+        """Eq. 5 with the training data's M_L bounds."""
+        return cls(kind="paper", n=n, k=k, m_min=m_min, m_max=m_max)
+
+    @classmethod
+    def from_edges(cls, edges: Sequence[float], timesteps: Sequence[int] = (), k: int = 250) -> "GroupingRule":
+        return cls(kind="edges", k=k, edges=tuple(edges), timesteps=tuple(timesteps))
+
+    @property
+    def levels(self) -> list[int]:
+        """The distinct timesteps this rule can choose, ascending (the levels of a realism map)."""
+        return sorted(set(self.timesteps))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "n": self.n, "k": self.k, "m_min": self.m_min, "m_max": self.m_max,
+                "edges": list(self.edges), "timesteps": list(self.timesteps)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "GroupingRule":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a grouping rule must be a mapping, got {type(data).__name__}")
+        known = {"kind", "n", "k", "m_min", "m_max", "edges", "timesteps"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown grouping rule field(s) {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        for key in ("edges", "timesteps"):
+            if key in values and not isinstance(values[key], (list, tuple)):
+                raise ValueError(f"grouping rule {key} must be a list, got {type(values[key]).__name__}")
+            values[key] = tuple(values.get(key) or ())
+        if values.get("kind") == "official":  # only n identifies the release's rule
+            values = {"kind": "official", "n": values.get("n", 3)}
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line for humans (``rcod info``, node tooltips)."""
+        steps = "/".join(str(t) for t in self.timesteps)
+        if self.kind == "paper":
+            return f"paper Eq. 5: n={self.n}, k={self.k}, M_L in [{self.m_min:.4g}, {self.m_max:.4g}] -> t {steps}"
+        edges = "/".join(f"{e:.4g}" for e in self.edges)
+        name = "official release thresholds" if self.kind == "official" else "edges"
+        return f"{name}: M_L edges {edges} -> t {steps}"
 
 
-GroupingRule = Union[PaperRule, ThresholdRule]
-
-
-def make_rule(rule: Union[str, GroupingRule], n: int = 3) -> GroupingRule:
-    """``"paper"`` → :class:`PaperRule` (edges matching the release), ``"official"`` → thresholds."""
-    if isinstance(rule, (PaperRule, ThresholdRule)):
+def as_rule(rule: Union[str, GroupingRule]) -> GroupingRule:
+    """A rule object, or ``"official"`` (the release's n = 3 thresholds, the default of files without a rule)."""
+    if isinstance(rule, GroupingRule):
         return rule
-    if rule == "paper":
-        return PaperRule(n=n, m_min=round(0.9 - 0.2 * n, 10))  # edges at 0.7, 0.5, 0.3, like the release
     if rule == "official":
-        return ThresholdRule.official(n)
-    raise ValueError(f"grouping rule must be 'paper', 'official' or a rule object, got {rule!r}")
+        return GroupingRule.official(3)
+    raise ValueError(f"grouping rule must be a GroupingRule or 'official', got {rule!r} "
+                     f"(the paper rule needs the training data's M_L bounds: GroupingRule.paper(m_min, m_max))")
 
 
-def select_timestep(m_l: Union[float, Sequence[float], torch.Tensor], rule: Union[str, GroupingRule] = "paper") -> torch.Tensor:
-    """t per sample from its latent metric (Eq. 5 or the release's thresholds, Eq. 6).
+def select_timestep(m_l: Union[float, Sequence[float], torch.Tensor],
+                    rule: Union[str, GroupingRule] = "official") -> torch.Tensor:
+    """t per sample from its latent metric (Eq. 5, or thresholds as in the release, Eq. 6).
 
     Returns an int64 tensor of shape ``(B,)`` on the device of ``m_l`` (CPU for Python numbers).
     """
-    rule = make_rule(rule)
+    rule = as_rule(rule)
     m = torch.as_tensor(m_l)
     if not m.is_floating_point():
         m = m.to(torch.float64)
@@ -127,19 +223,21 @@ def select_timestep(m_l: Union[float, Sequence[float], torch.Tensor], rule: Unio
         m = m.reshape(1)
     if not torch.isfinite(m).all():
         raise ValueError(f"m_l must be finite, got {m.tolist()}")
-    if isinstance(rule, PaperRule):
-        # +1e-6 (in group units): an M_L on a group edge (e.g. 0.5, 0.7 — also as float32) belongs
-        # to the upper group, as with the release's ">=" thresholds, despite rounding.
+    steps = torch.tensor(rule.timesteps, dtype=torch.int64, device=m.device)
+    if rule.kind == "paper":
+        # +1e-6 (in group units): an M_L on a group edge (also as float32) belongs to the upper group,
+        # as with the release's ">=" thresholds, despite rounding.
         m64 = m.to(torch.float64)
         group = torch.floor(rule.n * (m64 - rule.m_min) / (rule.m_max - rule.m_min) + 1e-6)
-        group = group.clamp(0, rule.n - 1)
-        t = (rule.k * (rule.n - group)).clamp(1, MAX_TIMESTEP)
-        return t.to(torch.int64)
+        return steps[group.clamp(0, rule.n - 1).to(torch.int64)]
     # thresholds in the metric's own precision: float32(0.7) >= float32(0.7)
-    thresholds = torch.tensor(rule.thresholds, dtype=m.dtype, device=m.device)
-    steps = torch.tensor(rule.timesteps, dtype=torch.int64, device=m.device)
-    index = torch.bucketize(m, thresholds, right=True)  # number of thresholds <= m
-    return steps[index]
+    edges = torch.tensor(rule.edges, dtype=m.dtype, device=m.device)
+    return steps[torch.bucketize(m, edges, right=True)]  # number of edges <= m
+
+
+def preset_timesteps(style: PresetStyle = "paper") -> dict[str, int]:
+    """The preset names and their t for a model's preset style (what the nodes and the web UI show)."""
+    return dict(PRESETS if style == "paper" else OFFICIAL_PRESETS)
 
 
 def resolve_realism(realism: Union[str, int], style: PresetStyle = "paper") -> int:
@@ -155,6 +253,24 @@ def resolve_realism(realism: Union[str, int], style: PresetStyle = "paper") -> i
                 f"realism must be one of {sorted(PRESETS)} or an integer timestep in [1, {MAX_TIMESTEP}], got {realism!r}"
             )
     return int(check_timestep(realism, name="realism")[0])
+
+
+def metric_summary(m_l: torch.Tensor, groups: int = 3) -> dict:
+    """What a scan of a training set's M_L reports: Eq. 5's bounds (``m_min``, ``m_max``), moments,
+    percentiles and the ``groups``-quantile edges — the file that a training config's
+    ``grouping.bounds`` names."""
+    m = torch.as_tensor(m_l).double().reshape(-1)
+    if m.numel() == 0 or not torch.isfinite(m).all():
+        raise ValueError("a metric summary needs at least one finite M_L value")
+    if groups < 2:
+        raise ValueError(f"groups must be at least 2, got {groups}")
+    return {
+        "samples": int(m.numel()),
+        "m_min": float(m.min()), "m_max": float(m.max()),
+        "mean": float(m.mean()), "std": float(m.std()) if m.numel() > 1 else 0.0,
+        "percentiles": {str(p): float(torch.quantile(m, p / 100)) for p in (5, 10, 25, 50, 75, 90, 95)},
+        "quantile_edges": [float(torch.quantile(m, i / groups)) for i in range(1, groups)],
+    }
 
 
 DASMode = Literal["paper", "official"]

@@ -52,6 +52,11 @@ def load_config(family: str, component: str) -> dict:
         return json.load(f)
 
 
+def vae_factor(vae: nn.Module) -> int:
+    """Pixels per latent pixel of an ``AutoencoderKL`` (8 for SD): 2 per down block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class BaseModels:
     """The frozen parts RCOD builds on: UNet, VAE, CLIP vision tower, scheduler config."""
@@ -65,7 +70,7 @@ class BaseModels:
 
     @property
     def latent_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae)
 
 
 def build_unet(config: dict) -> nn.Module:

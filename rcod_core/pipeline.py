@@ -1,166 +1,40 @@
 """The one-step RCOD pipeline: LR → upscale → VAE encode → one UNet pass at t → x0 → decode.
 
 Images are ``(B, 3, H, W)`` float tensors in [0, 1] in and out. Device, dtype, timestep and seed
-are arguments; nothing is a hidden flag on the models. The pieces are public functions so that the
-ComfyUI nodes, the CLI and the trainer call the same code:
+are arguments; nothing is a hidden flag on the models. The forward itself lives in the model core
+(:class:`~rcod_core.model.RCODModel`, shared with the trainer); the pipeline orchestrates it:
 
-* :func:`one_step` — ε prediction at t with VPIM tokens, then Eq. 3/4;
-* :meth:`RCODPipeline.encode` / :meth:`~RCODPipeline.prompt` / :meth:`~RCODPipeline.denoise` /
-  :meth:`~RCODPipeline.decode` — the stages;
-* :meth:`RCODPipeline.__call__` — all of them, batched.
+* :meth:`RCODPipeline.prepare` — validation, conditioning, upscale, VPIM tokens, VAE encode (tiled);
+* :meth:`RCODPipeline.unet_step` — one UNet pass + x0 at given timesteps (tiled);
+* :meth:`RCODPipeline.finish` — decode (tiled), crop, colour fix;
+* :meth:`RCODPipeline.run` / :meth:`~RCODPipeline.sweep` / :meth:`~RCODPipeline.realism_map` —
+  presets, adaptive t (MEM + the grouping rule), spatial realism, several t at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
-from .grouping import latent_metric, make_rule, resolve_realism, select_timestep
+from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
+from .imageops import Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
 from .memory import TilePlan, choose_tile
-from .tiling import Cancelled, tiled_apply, tiled_decode, tiled_encode
-from .realism import blend_levels, gaussian_blur, level_weights, mask_to_t_map, metric_map, prepare_map
-from .schedule import X0Mode, alphas_cumprod, check_timestep, x0_alpha_bar, x0_from_eps
+from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
+from .progress import CancelFn, Progress, ProgressFn
+from .realism import blend_levels, feathered_mask_t_map, gaussian_blur, level_weights, metric_map, prepare_map
+from .schedule import X0Mode, check_timestep
 from .spec import ModelSpec
+from .tiling import tiled_apply
+from .vae_tiling import tiled_decode, tiled_encode
 
-Resampler = Literal["bicubic", "bilinear", "nearest", "area"]
-RESAMPLERS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
-LatentMode = Literal["mode", "sample"]
-MAX_SCALE = 8.0
 Realism = Union[str, int, Sequence[int], torch.Tensor]
 TileSpec = Union[str, int, None]
-ProgressFn = Optional[Callable[[int, int], None]]
-CancelFn = Optional[Callable[[], bool]]
-
-
-class Tracker:
-    """Progress over stages and tiles of one call: ``progress(done, total)`` after every unit (a
-    whole-batch stage or a tile; the total grows as stages are planned), ``cancel()`` checked
-    between units (raises :class:`~rcod_core.tiling.Cancelled`)."""
-
-    def __init__(self, progress: ProgressFn = None, cancel: CancelFn = None):
-        self.progress, self.cancel = progress, cancel
-        self.done = self.total = 0
-
-    def check(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("cancelled by the caller")
-
-    def step(self, n: int = 1) -> None:
-        """Count ``n`` finished units of a stage that was not planned in advance."""
-        self.total += n
-        self.advance(n)
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(self.done, max(self.total, self.done))
-
-    def stage(self) -> Callable[[int, int], None]:
-        """A ``progress(done, total)`` for one tiled call: its total joins ours on the first report."""
-        start, planned = self.done, []
-
-        def report(done: int, total: int) -> None:
-            if not planned:
-                planned.append(total)
-                self.total += total
-            self.advance(start + done - self.done)
-
-        return report
-
-
-def validate_images(images: torch.Tensor, name: str = "images", channels: int = 3) -> None:
-    """Raise ``ValueError`` unless ``images`` is a finite float (B, channels, H, W) tensor in [0, 1]."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, {channels}, H, W), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] != channels:
-        raise ValueError(f"{name} must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
-    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(images.shape)}")
-    lo, hi = torch.aminmax(images.detach().float())
-    lo, hi = float(lo), float(hi)  # one sync per call, at the entry
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or Inf")
-    if lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"{name} values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-
-
-def output_size(height: int, width: int, scale: float | None = None, size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Target (H, W): ``round(scale · side)`` for a scale in [1, 8], or an explicit ``size=(H, W)``."""
-    if size is not None:
-        if scale is not None:
-            raise ValueError("give either scale or size, not both")
-        h, w = (int(v) for v in size)
-        if h < 1 or w < 1:
-            raise ValueError(f"size must be positive (H, W), got {size!r}")
-        return h, w
-    scale = 4.0 if scale is None else float(scale)
-    if not (1.0 <= scale <= MAX_SCALE):
-        raise ValueError(f"scale must be in [1, {MAX_SCALE:g}], got {scale!r}")
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize(images: torch.Tensor, size: tuple[int, int], resampler: Resampler = "bicubic") -> torch.Tensor:
-    """Resize to ``size`` with a named resampler, clamped to [0, 1] (bicubic overshoots)."""
-    if resampler not in RESAMPLERS:
-        raise ValueError(f"resampler must be one of {RESAMPLERS}, got {resampler!r}")
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    kwargs = {}
-    if resampler in ("bicubic", "bilinear"):
-        kwargs = {"align_corners": False, "antialias": True}
-    return F.interpolate(images, size=size, mode=resampler, **kwargs).clamp(0.0, 1.0)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad H and W (bottom/right) up to a multiple; returns the padded tensor and (H, W).
-
-    Falls back to edge replication where a side is too short to reflect.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
-
-
-def one_step(
-    unet: nn.Module,
-    z_l: torch.Tensor,
-    timesteps: torch.Tensor,
-    tokens: torch.Tensor,
-    alpha_bar: torch.Tensor,
-) -> torch.Tensor:
-    """One-step SR in latent space (Eq. 3/4): ``(z_L − sqrt(1−ᾱ) ε_θ(z_L; t, c)) / sqrt(ᾱ)``.
-
-    ``timesteps`` (B,) go to the UNet's timestep embedding, ``alpha_bar`` (B,) to the conversion.
-    The conversion runs in float32 whatever the UNet dtype.
-    """
-    eps = unet(z_l, timesteps, encoder_hidden_states=tokens, return_dict=False)[0]
-    return x0_from_eps(z_l.float(), eps.float(), alpha_bar)
-
-
-def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Cast (only when needed: diffusers warns on every dtype ``.to``), then move — so an fp16
-    model never sits on the GPU in fp32 — and eval mode."""
-    if any(p.dtype != dtype for p in module.parameters()):
-        module = module.to(dtype=dtype)
-    return module.to(device=device).eval()
-
-
-def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] decoder output → float32 [0, 1], in place (no extra full-size buffer)."""
-    x = x.float()
-    return x.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
 
 
 def default_vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
@@ -173,8 +47,10 @@ def default_vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class StageOutput:
-    """What :meth:`RCODPipeline.run` returns beside the images (for UIs and logs)."""
+    """What the pipeline's steps return: images (or latents, before :meth:`RCODPipeline.finish`)
+    and the timesteps, for UIs and logs."""
 
+    #: images (B, 3, H', W') in [0, 1] — or, from :meth:`RCODPipeline.denoise_prepared`, latents
     images: torch.Tensor
     #: the timestep of each image, or the levels of a realism map
     timesteps: torch.Tensor
@@ -182,6 +58,11 @@ class StageOutput:
     metric: Optional[torch.Tensor] = None
     #: the per-pixel timestep map that was used (spatial realism), else None
     t_map: Optional[torch.Tensor] = None
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The same tensor, named for the latent step."""
+        return self.images
 
 
 @dataclass
@@ -195,18 +76,8 @@ class Prepared:
     z_l: torch.Tensor
     lr_up: Optional[torch.Tensor] = None  # the upscaled LR (the colour-fix reference)
     plan: Optional[TilePlan] = None  # None = untiled
-    tracker: Tracker = None  # type: ignore[assignment]
+    tracker: Progress = None  # type: ignore[assignment]
     color_fix: str = "none"
-
-
-@dataclass
-class Denoised:
-    """Latents after the timestep-controlled step (see :meth:`RCODPipeline.denoise_prepared`)."""
-
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    metric: Optional[torch.Tensor] = None
-    t_map: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -222,72 +93,50 @@ class RCODPipeline:
     """A loaded RCOD-family model, ready to upscale.
 
     Args:
-        unet, vae: diffusers models (LoRA merged or not).
-        prompt_encoder: a :class:`~rcod_core.prompting.VisualPromptEncoder` (VPIM) or ``None`` for the
-            text-conditioned bases, which then need ``prompt_embeds``.
-        spec: the model's :class:`~rcod_core.spec.ModelSpec`.
-        scheduler_config: diffusers scheduler config of the base (for ᾱ_t).
+        model: the :class:`~rcod_core.model.RCODModel` (modules + forward pieces).
         device, dtype: where and in which precision the UNet and CLIP run.
         vae_dtype: precision of the VAE (default: ``dtype``, but fp32 for an fp16 pipeline whose VAE
             config says ``force_upcast``, as SD 2.1's does).
-        prompt_embeds: fixed conditioning tokens (1, N, D) for the bases (text embeddings).
     """
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        vae: nn.Module,
-        prompt_encoder: Optional[nn.Module],
-        spec: ModelSpec,
-        scheduler_config: dict | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        vae_dtype: torch.dtype | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-    ):
-        self.spec = spec
-        self.device = torch.device(device)
+    def __init__(self, model: RCODModel, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_dtype: torch.dtype | None = None):
+        if not isinstance(model, RCODModel):
+            raise ValueError(f"RCODPipeline needs an RCODModel, got {type(model).__name__}")
+        self.model = model
         self.dtype = dtype
-        self.vae_dtype = vae_dtype or default_vae_dtype(vae, dtype)
-        self.unet = _place(unet, self.device, dtype)
-        self.vae = _place(vae, self.device, self.vae_dtype)
-        self.prompt_encoder = _place(prompt_encoder, self.device, dtype) if prompt_encoder is not None else None
-        cross_dim = int(self.unet.config.cross_attention_dim)
-        if self.prompt_encoder is not None and self.prompt_encoder.cross_attention_dim != cross_dim:
-            raise ValueError(
-                f"VPIM projection outputs {self.prompt_encoder.cross_attention_dim} features but the UNet's "
-                f"cross_attention_dim is {cross_dim}; the CLIP model/projection does not fit this base"
-            )
-        if prompt_embeds is not None:
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cross_dim:
-                raise ValueError(f"prompt_embeds must have shape (1, N, {cross_dim}), got {tuple(prompt_embeds.shape)}")
-            prompt_embeds = prompt_embeds.to(self.device, dtype)
-        self.prompt_embeds = prompt_embeds
-        if self.prompt_encoder is None and prompt_embeds is None:
-            raise ValueError("the pipeline needs a VPIM prompt_encoder or fixed prompt_embeds for conditioning")
-        self.alphas_cumprod = alphas_cumprod(scheduler_config)
+        self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype)
+        model.place(device, dtype, self.vae_dtype)
+        self.device = torch.device(device)
         if self.device.type == "cuda":
             self.to_channels_last()  # convolution-heavy: NHWC kernels are faster on GPUs
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # pad so that the latent survives every UNet downsampling exactly (64 px for SD)
-        self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    # the model's parts and settings, for callers that inspect or swap them
+    spec: ModelSpec = property(lambda self: self.model.spec)  # type: ignore[assignment]
+    latent_factor: int = property(lambda self: self.model.latent_factor)  # type: ignore[assignment]
+    size_multiple: int = property(lambda self: self.model.size_multiple)  # type: ignore[assignment]
+    alphas_cumprod: torch.Tensor = property(lambda self: self.model.alphas_cumprod)  # type: ignore[assignment]
+    prompt_encoder = property(lambda self: self.model.prompt_encoder)
+    vae = property(lambda self: self.model.vae)
+    has_mem: bool = property(lambda self: self.model.has_mem)  # type: ignore[assignment]
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.unet
+
+    @unet.setter
+    def unet(self, module: nn.Module) -> None:
+        self.model.unet = module
 
     # -- configuration -------------------------------------------------------------------------
     def to_channels_last(self) -> "RCODPipeline":
         """Use channels_last memory for the convolution-heavy UNet and VAE (a GPU speed-up)."""
-        self.unet.to(memory_format=torch.channels_last)
-        self.vae.to(memory_format=torch.channels_last)
+        self.model.to_channels_last()
         return self
 
     def compile(self, mode: str | None = None, **kwargs) -> "RCODPipeline":
         """``torch.compile`` the UNet and the VAE encoder/decoder (and CLIP), in place."""
-        self.unet = torch.compile(self.unet, mode=mode, **kwargs)
-        self.vae.encoder = torch.compile(self.vae.encoder, mode=mode, **kwargs)
-        self.vae.decoder = torch.compile(self.vae.decoder, mode=mode, **kwargs)
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.vision_model = torch.compile(self.prompt_encoder.vision_model, mode=mode, **kwargs)
+        self.model.compile(mode, **kwargs)
         return self
 
     # -- timesteps -----------------------------------------------------------------------------
@@ -310,74 +159,47 @@ class RCODPipeline:
             raise ValueError(f"realism gives {t.numel()} timesteps for a batch of {batch_size}")
         return t.clone()
 
-    def grouping_rule(self):
-        return make_rule(self.spec.grouping_rule, self.spec.grouping_n)
+    def grouping_rule(self) -> GroupingRule:
+        """The model's LDG rule (from its spec: the file's metadata, or the release's thresholds)."""
+        return self.spec.grouping
 
-    # -- per-image conditioning hooks (RCOD_S overrides them) -------------------------------------
+    # -- the model's forward pieces, without gradients -------------------------------------------
+    @torch.no_grad()
     def condition(self, lr: torch.Tensor) -> dict:
-        """Per-batch state computed from the original LR before the stages run (none here)."""
-        return {}
+        """Per-batch state computed from the original LR before the stages run (RCOD_S)."""
+        return self.model.condition(lr.to(self.device, torch.float32))
 
     def select_sample(self, state: dict, index: Optional[int]) -> None:
-        """Make the per-image conditioning of sample ``index`` current (``None``: the whole batch).
-        Tiled stages run one image at a time; nothing to do for the OSEDiff-layout models."""
+        self.model.select(state, index)
 
+    @torch.no_grad()
     def estimate_metric(self, lr: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """MEM's predicted latent metric M_L for each LR image."""
-        raise ValueError(
-            f"adaptive realism needs MEM weights (the metric estimation module), and this {self.spec.kind} "
-            f"model has none; choose a preset or t, or load an RCOD_S model with its MEM file"
-        )
+        return self.model.estimate_metric(lr.to(self.device, torch.float32), state)
 
     def alpha_bar_for(self, timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
-        mode = x0_mode or self.spec.x0_mode
-        return x0_alpha_bar(timesteps, mode, self.alphas_cumprod, self.spec.fixed_alpha_bar)
+        return self.model.alpha_bar(timesteps, x0_mode)
 
-    # -- stages --------------------------------------------------------------------------------
     @torch.no_grad()
     def prompt(self, images: torch.Tensor) -> torch.Tensor:
         """Conditioning tokens for (B, 3, H, W) images in [0, 1]: VPIM, or the fixed embeddings."""
-        if self.prompt_encoder is None:
-            return self.prompt_embeds.expand(images.shape[0], -1, -1)
-        return self.prompt_encoder(images.to(self.device))
+        return self.model.tokens(images)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] whose sides are multiples of the latent factor → scaled latents (fp32)."""
-        x = images.to(self.device, self.vae_dtype) * 2.0 - 1.0
-        dist = self.vae.encode(x).latent_dist
-        return self._scaled_latent(dist.mean, dist.std, latent, generator)
-
-    def _scaled_latent(self, mean: torch.Tensor, std: torch.Tensor, latent: LatentMode,
-                       generator: torch.Generator | None) -> torch.Tensor:
-        """The posterior's mode (= mean) or a seeded sample, shifted and scaled (fp32)."""
-        if latent == "sample":
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                                device=generator.device if generator is not None else None)
-            mean = mean + std * noise.to(mean.device)
-        elif latent != "mode":
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
-        return (mean.float() - self.shift_factor) * self.scaling_factor
+        return self.model.encode(images, latent, generator)
 
     @torch.no_grad()
-    def denoise(
-        self,
-        z_l: torch.Tensor,
-        tokens: torch.Tensor,
-        timesteps: torch.Tensor,
-        x0_mode: X0Mode | None = None,
-    ) -> torch.Tensor:
+    def denoise(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
+                x0_mode: X0Mode | None = None) -> torch.Tensor:
         """One UNet pass at ``timesteps`` (B,) and the x0 conversion; fp32 latents out."""
-        alpha_bar = self.alpha_bar_for(timesteps, x0_mode)
-        t = timesteps.to(self.device)
-        return one_step(self.unet, z_l.to(self.device, self.dtype), t, tokens.to(self.device, self.dtype), alpha_bar)
+        return self.model.denoise(z_l, tokens, timesteps, x0_mode)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [0, 1] (float32)."""
-        z = z.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
-        x = self.vae.decode(z, return_dict=False)[0]
-        return _to_unit_range(x)
+        return to_unit_range(self.model.decode(z))
 
     # -- all together --------------------------------------------------------------------------
     def plan_tiles(self, height: int, width: int, tile: TileSpec = "none", tile_overlap: int = 32,
@@ -424,9 +246,9 @@ class RCODPipeline:
         validate_images(images)
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
-        if latent not in ("mode", "sample"):
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
-        tracker = Tracker(progress, cancel)
+        if latent not in LATENT_MODES:
+            raise ValueError(f"latent must be one of {LATENT_MODES}, got {latent!r}")
+        tracker = Progress(progress, cancel)
         tracker.check()
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
         images = images.to(self.device, torch.float32)
@@ -443,14 +265,14 @@ class RCODPipeline:
             tracker.step()
         return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix)
 
-    def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Tracker) -> torch.Tensor:
+    def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Progress) -> torch.Tensor:
         latents = []
         for i in range(padded.shape[0]):
             self.select_sample(state, i)
             x = padded[i : i + 1].to(self.device, self.vae_dtype) * 2.0 - 1.0
             mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
                                      progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
-            latents.append(self._scaled_latent(mean, std, latent, generator))
+            latents.append(posterior_latent(self.vae, mean, std, latent, generator))
         self.select_sample(state, None)
         return torch.cat(latents)
 
@@ -483,10 +305,9 @@ class RCODPipeline:
         plan, tracker = prepared.plan, prepared.tracker
         tracker.check()
         if plan is not None and plan.vae_decode_tile_latent is not None:
-            z = z_h.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
-            x = tiled_decode(self.vae, z, plan.vae_decode_tile_latent, plan.vae_decode_overlap_latent,
-                             progress=tracker.stage(), cancel=tracker.cancel)
-            out = _to_unit_range(x)
+            x = tiled_decode(self.vae, self.model.unscale(z_h), plan.vae_decode_tile_latent,
+                             plan.vae_decode_overlap_latent, progress=tracker.stage(), cancel=tracker.cancel)
+            out = to_unit_range(x)
         else:
             out = self.decode(z_h)
             tracker.step()
@@ -543,7 +364,7 @@ class RCODPipeline:
         mask_timesteps: tuple[Realism, Realism] = ("fidelity", "realism"),
         t_map: torch.Tensor | None = None,
         levels: Sequence[int] | None = None,
-    ) -> "Denoised":
+    ) -> StageOutput:
         """The timestep-controlled step of :meth:`run` on a prepared batch (see there for the
         arguments): one UNet pass per timestep/level, latents out (before :meth:`finish`)."""
         key = realism.strip().lower() if isinstance(realism, str) else None
@@ -560,21 +381,18 @@ class RCODPipeline:
         if mask is not None or t_map is not None:
             if mask is not None:
                 lo, hi = (int(self.resolve_timesteps(v, 1)[0]) for v in mask_timesteps)
-                m = prepare_map(mask, batch, prepared.size, "mask")
-                m = mask_to_t_map(m, 0, 1)  # validates the [0, 1] range before feathering
-                m = gaussian_blur(m, sigma=self.latent_factor)  # feather over about one latent pixel
-                m = torch.where(m < 1e-6, torch.zeros_like(m), torch.where(m > 1 - 1e-6, torch.ones_like(m), m))
-                t_map, levels = mask_to_t_map(m, lo, hi), [lo, hi]
+                t_map = feathered_mask_t_map(prepare_map(mask, batch, prepared.size, "mask"), lo, hi, self.latent_factor)
+                levels = [lo, hi]
             else:
                 t_map = prepare_map(t_map, batch, prepared.size, "t_map")
                 levels = sorted(set(int(v) for v in (levels or self.rule_levels())))
                 check_timestep(levels, name="levels")
             z_h = self.denoise_map(prepared, t_map, levels, x0_mode)
-            return Denoised(z_h, torch.tensor(levels, dtype=torch.int64), metric, t_map)
+            return StageOutput(z_h, torch.tensor(levels, dtype=torch.int64), metric, t_map)
         if key == "adaptive":
             metric = self.estimate_metric(prepared.images, prepared.state)
         timesteps = self.resolve_timesteps(realism, batch, metric)
-        return Denoised(self.unet_step(prepared, timesteps, x0_mode), timesteps, metric)
+        return StageOutput(self.unet_step(prepared, timesteps, x0_mode), timesteps, metric)
 
     def with_tokens(self, prepared: "Prepared", tokens: Optional[torch.Tensor]) -> "Prepared":
         """``prepared`` conditioned on other VPIM tokens (e.g. of a reference photo); batch 1 broadcasts."""
@@ -598,20 +416,10 @@ class RCODPipeline:
         z_h = self.encode(pad_to_multiple(hr.to(self.device, torch.float32), self.size_multiple)[0])
         return latent_metric(prepared.z_l, z_h)
 
-    @property
-    def has_mem(self) -> bool:
-        """Whether adaptive realism (MEM) is available."""
-        return False
-
     def to(self, device: torch.device | str) -> "RCODPipeline":
         """Move every module (e.g. offload to CPU between runs and back)."""
         self.device = torch.device(device)
-        for name in ("unet", "vae", "prompt_encoder"):
-            module = getattr(self, name)
-            if module is not None:
-                module.to(self.device)
-        if self.prompt_embeds is not None:
-            self.prompt_embeds = self.prompt_embeds.to(self.device)
+        self.model.to(self.device)
         return self
 
     @torch.no_grad()
@@ -658,10 +466,7 @@ class RCODPipeline:
 
     def rule_levels(self) -> list[int]:
         """The timesteps the spec's grouping rule can choose (the levels of a realism map)."""
-        rule = self.grouping_rule()
-        if hasattr(rule, "timesteps"):
-            return sorted(int(t) for t in rule.timesteps)
-        return sorted({min(rule.k * (rule.n - g), 999) for g in range(rule.n)})
+        return self.grouping_rule().levels
 
     @torch.no_grad()
     def realism_map(self, images: torch.Tensor, tile: int = 64, overlap: int = 32, smooth: float | None = None,

@@ -78,7 +78,9 @@ class VisualPromptEncoder(nn.Module):
     def tokens_from_clip_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Already-preprocessed CLIP input (B, 3, S, S) → projected tokens (B, N, D)."""
         pixel_values = pixel_values.to(self.projection.weight.device, self._param_dtype())
-        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # RCOD trains the projection only
+            hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
         return self.projection(hidden)
 
     def forward(self, images: torch.Tensor, preprocess: PreprocessMode | None = None) -> torch.Tensor:

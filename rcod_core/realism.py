@@ -113,6 +113,15 @@ def mask_to_t_map(mask: torch.Tensor, t_low: int, t_high: int) -> torch.Tensor:
     return t_low + mask.clamp(0, 1) * (t_high - t_low)
 
 
+def feathered_mask_t_map(mask: torch.Tensor, t_low: int, t_high: int, sigma: float) -> torch.Tensor:
+    """A (B, 1, H, W) mask in [0, 1] → t-map, feathered by a Gaussian of ``sigma`` pixels (about one
+    latent pixel) so region borders blend; values within 1e-6 of 0 or 1 snap to the ends."""
+    m = mask_to_t_map(mask, 0, 1)  # validates the [0, 1] range before feathering
+    m = gaussian_blur(m, sigma=sigma)
+    m = torch.where(m < 1e-6, torch.zeros_like(m), torch.where(m > 1 - 1e-6, torch.ones_like(m), m))
+    return mask_to_t_map(m, t_low, t_high)
+
+
 def metric_map(
     estimate: Callable[[torch.Tensor], torch.Tensor],
     lr: torch.Tensor,

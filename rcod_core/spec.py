@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from .grouping import PresetStyle
+from .grouping import GroupingRule, PresetStyle
 from .prompting import PREPROCESS_MODES, PreprocessMode
 from .schedule import BASE_TIMESTEP, OFFICIAL_ALPHA_BAR, X0_MODES, X0Mode
 
@@ -21,7 +21,7 @@ KIND_BASE = {"rcod_o": "sd21_base", "osediff": "sd21_base", "rcod_s": "sd_turbo"
 #: Kinds conditioned by VPIM tokens (the bases use text embeddings).
 VPIM_KINDS = ("rcod_o", "rcod_s")
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the grouping rule is a GroupingRule (1: the strings grouping_rule / grouping_n)
 
 
 @dataclass
@@ -33,8 +33,8 @@ class ModelSpec:
     x0_mode: X0Mode = "official"
     fixed_alpha_bar: Optional[float] = OFFICIAL_ALPHA_BAR["rcod_o"]
     preset_style: PresetStyle = "official"
-    grouping_rule: str = "official"
-    grouping_n: int = 3
+    #: LDG: how M_L picks t (adaptive inference, realism maps, training); the release's thresholds by default
+    grouping: GroupingRule = field(default_factory=GroupingRule.official)
     vpim_preprocess: PreprocessMode = "official"
     rank_unet: int = 4
     rank_vae: int = 4
@@ -49,6 +49,10 @@ class ModelSpec:
         self.validate()
 
     def validate(self) -> None:
+        if isinstance(self.grouping, dict):
+            self.grouping = GroupingRule.from_dict(self.grouping)
+        if not isinstance(self.grouping, GroupingRule):
+            raise ValueError(f"ModelSpec.grouping must be a GroupingRule, got {type(self.grouping).__name__}")
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"ModelSpec.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         if self.x0_mode not in X0_MODES:
@@ -92,13 +96,19 @@ class ModelSpec:
         return BASE_TIMESTEP if self.kind in ("osediff", "s3diff") else None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["grouping"] = self.grouping.to_dict()
+        return json.loads(json.dumps(data))  # deep copy, plain JSON types
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        data = dict(data)
+        if "grouping_rule" in data or "grouping_n" in data:  # version 1: a rule name and n
+            data["grouping"] = legacy_grouping(data.pop("grouping_rule", "official"), data.pop("grouping_n", 3))
+            data["version"] = SPEC_VERSION
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -108,3 +118,15 @@ class ModelSpec:
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
         return cls.from_dict(json.loads(text))
+
+
+def legacy_grouping(name: Any, n: Any) -> GroupingRule:
+    """The rule a version-1 spec meant: ``official`` thresholds, or ``paper`` with the bounds version 1
+    used (M_min = 0.9 − 0.2 n, M_max = 0.9: edges at the release's thresholds)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise ValueError(f"ModelSpec grouping_n must be an integer, got {n!r}")
+    if name == "official":
+        return GroupingRule.official(n)
+    if name == "paper":
+        return GroupingRule.paper(m_min=round(0.9 - 0.2 * n, 10), m_max=0.9, n=n)
+    raise ValueError(f"ModelSpec grouping_rule must be 'official' or 'paper', got {name!r}")

@@ -10,14 +10,14 @@ torch.set_num_threads(int(os.environ.get("RCOD_TEST_THREADS", "2")))
 
 @pytest.fixture(scope="session")
 def tiny_merged():
-    from rcod_core.build import tiny_pipeline
+    from rcod_core.testing.tiny import tiny_pipeline
 
     return tiny_pipeline(kind="rcod_o", seed=0, merge=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_unmerged():
-    from rcod_core.build import tiny_pipeline
+    from rcod_core.testing.tiny import tiny_pipeline
 
     return tiny_pipeline(kind="rcod_o", seed=0, merge=False)
 

@@ -1,6 +1,6 @@
 import json
 
-from rcod_core.cli import main
+from rcod_core.tools.cli import main
 
 
 def test_rcod_bench_tiny_writes_both_implementations(tmp_path, capsys):

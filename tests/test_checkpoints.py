@@ -14,7 +14,7 @@ from rcod_core.loader import load_pipeline, pipeline_from_checkpoint, safe_model
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    from rcod_core.tiny import make_tiny
+    from rcod_core.testing.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     make_tiny(root)
@@ -74,6 +74,7 @@ def _zero_lora_b(ckpt: Checkpoint) -> Checkpoint:
 def _no_lora_reference(root, ckpt: Checkpoint, file, x):
     """The base with only the checkpoint's trained conv_in (and projection): no LoRA at all."""
     from rcod_core.loader import load_base, encode_prompt
+    from rcod_core.model import RCODModel
     from rcod_core.pipeline import RCODPipeline
     from rcod_core.prompting import VisualPromptEncoder
 
@@ -91,7 +92,7 @@ def _no_lora_reference(root, ckpt: Checkpoint, file, x):
         encoder.projection.load_state_dict(ckpt.groups["projection"])
     else:
         embeds = encode_prompt(kw["base"], "")
-    pipe = RCODPipeline(base.unet, base.vae, encoder, ckpt.spec, base.scheduler_config, prompt_embeds=embeds)
+    pipe = RCODPipeline(RCODModel(base.unet, base.vae, encoder, ckpt.spec, base.scheduler_config, prompt_embeds=embeds))
     return pipe(x, realism=499)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rcod_core.cli import main
+from rcod_core.tools.cli import main
 from rcod_core.imageio import LoadedImage, load_image, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_tiled_equals_untiled_within_bound_and_no_seam(photo):
     stated bound is loose: mean |Δ| < 0.15, and no seam: the mean horizontal gradient on the
     columns where tiles meet is within 1.5x the gradient elsewhere.
     """
-    from rcod_core.build import tiny_pipeline
+    from rcod_core.testing.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("rcod_o", seed=0)
     x = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)[None][:, :, :64, :96]
@@ -166,7 +166,7 @@ def test_tiled_equals_untiled_within_bound_and_no_seam(photo):
 
 
 def test_auto_tile_follows_the_budget():
-    from rcod_core.build import tiny_pipeline
+    from rcod_core.testing.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("rcod_o", seed=0)
     assert pipe.plan_tiles(512, 512, "auto", max_memory=64 * 2 ** 30) is None  # fits: untiled
@@ -181,8 +181,8 @@ def test_auto_tile_follows_the_budget():
 
 
 def test_progress_and_cancel(photo):
-    from rcod_core.build import tiny_pipeline
-    from rcod_core.tiling import Cancelled
+    from rcod_core.testing.tiny import tiny_pipeline
+    from rcod_core.progress import Cancelled
 
     pipe = tiny_pipeline("rcod_o", seed=0)
     x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcod_core import metrics as M
-from rcod_core.evaluate import (
+from rcod_core.tools import metrics as M
+from rcod_core.tools.evaluate import (
     EvalConfig, ModelEntry, add_eval_parser, evaluate, infer_scale, make_synthetic_pairs, pair_images,
     parse_settings, parse_sweep, plot_metrics_vs_t, write_report,
 )
@@ -30,7 +30,7 @@ def _basicsr():
 
 def _photo(size=128, seed=0):
     """A crop of a real photo (skimage astronaut, else the shipped asset) as (3, H, W) in [0, 1]."""
-    from rcod_core.evaluate import demo_source
+    from rcod_core.tools.evaluate import demo_source
 
     image, _ = demo_source()
     return M.quantize(image[0, :, :size, -size:])

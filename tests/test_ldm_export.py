@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rcod_core.ldm_export import (
+from rcod_core.loader import own_storage_
+from rcod_core.testing.ldm_export import (
     UNET_PREFIX,
     VAE_PREFIX,
     ldm_state_dict,
-    own_storage_,
     unet_key_map,
     unet_to_ldm,
     vae_key_map,

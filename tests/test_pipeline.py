@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcod_core.build import assemble, tiny_pipeline
+from rcod_core.build import assemble
+from rcod_core.testing.tiny import tiny_pipeline
 from rcod_core.models import build_models
 from rcod_core.spec import ModelSpec
 
@@ -173,13 +174,13 @@ def test_bad_input(tiny_merged, images, kwargs, message):
 
 
 def test_mismatched_clip_and_unet_dims():
+    from rcod_core.model import RCODModel
     from rcod_core.prompting import VisualPromptEncoder
-    from rcod_core.pipeline import RCODPipeline
 
     base = build_models("tiny", seed=0)
     encoder = VisualPromptEncoder(base.clip_vision, cross_attention_dim=48)
     with pytest.raises(ValueError, match="cross_attention_dim is 32"):
-        RCODPipeline(base.unet, base.vae, encoder, ModelSpec.for_kind("rcod_o"), base.scheduler_config)
+        RCODModel(base.unet, base.vae, encoder, ModelSpec.for_kind("rcod_o"), base.scheduler_config)
 
 
 def test_rcod_o_refuses_turbo_base():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rcod_core.build import tiny_pipeline
-from rcod_core.degradation import DegradationLoraConv2d, DegradationLoraLinear, MatrixSlot, fourier_embedding
-from rcod_core.grouping import ThresholdRule, select_timestep
+from rcod_core.testing.tiny import tiny_pipeline
+from rcod_core.guided_lora import DegradationLoraConv2d, DegradationLoraLinear, MatrixSlot, fourier_embedding
+from rcod_core.grouping import GroupingRule, select_timestep
 
 BATCH_TOL = 1e-4  # CPU kernels differ in the last bits between batch sizes (see test_pipeline)
 
@@ -66,7 +66,8 @@ def test_different_degradations_give_different_matrices(rcod_s, photo):
     blurred = blur(sharp)
     noisy = (sharp + 0.2 * torch.randn(sharp.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     state = rcod_s.condition(torch.cat([sharp, blurred, noisy]))
-    m_unet, m_vae = rcod_s.unet_slot.matrices, rcod_s.vae_slot.matrices
+    c = rcod_s.model.conditioning
+    m_unet, m_vae = c.unet_slot.matrices, c.vae_slot.matrices
     assert m_unet.shape == (3, 10, 8, 8) and m_vae.shape == (3, 6, 4, 4)
     assert state["scores"].shape == (3, 2) and ((state["scores"] >= 0) & (state["scores"] <= 1)).all()
     for i, j in ((0, 1), (0, 2), (1, 2)):
@@ -96,7 +97,7 @@ def test_mem_range_and_adaptive_follows_the_rule(rcod_s, photo, monkeypatch):
     x = torch.cat([photo[:, :, :32, :32], blur(photo[:, :, 32:64, 32:64])])
     out = rcod_s.run(x, realism="adaptive")
     assert out.metric.shape == (2,) and ((out.metric >= 0) & (out.metric <= 1)).all()
-    assert torch.equal(out.timesteps, select_timestep(out.metric, ThresholdRule.official(3)))
+    assert torch.equal(out.timesteps, select_timestep(out.metric, GroupingRule.official(3)))
     hand = torch.tensor([0.2, 0.55, 0.69, 0.7, 0.95])
     monkeypatch.setattr(rcod_s, "estimate_metric", lambda lr, state=None: hand)
     out = rcod_s.run(torch.cat([photo[:, :, :16, :16]] * 5), realism="adaptive")
@@ -105,7 +106,7 @@ def test_mem_range_and_adaptive_follows_the_rule(rcod_s, photo, monkeypatch):
 
 
 def test_paper_rule_in_adaptive_mode(photo, monkeypatch):
-    pipe = tiny_pipeline("rcod_s", seed=0, grouping_rule="paper")
+    pipe = tiny_pipeline("rcod_s", seed=0, grouping=GroupingRule.paper(m_min=0.3, m_max=0.9))
     monkeypatch.setattr(pipe, "estimate_metric", lambda lr, state=None: torch.tensor([0.45, 0.621, 0.85]))
     assert pipe.run(torch.cat([photo[:, :, :16, :16]] * 3), realism="adaptive").timesteps.tolist() == [750, 500, 250]
 
@@ -185,13 +186,13 @@ def _fit_mem(pipe, photo):
     training: in the release the targets are latent cosine similarities; here 0.8 / 0.35)."""
     crops = [photo[:, :, y : y + 32, x : x + 32] for y in (0, 32, 64) for x in (0, 32, 64)]
     sharp, blurred = torch.cat(crops), blur(torch.cat(crops), sigma=3.0)
-    feats = pipe.degradation(torch.cat([sharp, blurred]))[1]
+    feats = pipe.model.conditioning.degradation(torch.cat([sharp, blurred]))[1]
     targets = torch.cat([torch.full((9,), 0.8), torch.full((9,), 0.35)])
     design = torch.cat([feats, torch.ones(18, 1)], dim=1).double()
     solution = torch.linalg.lstsq(design, targets.double()[:, None], driver="gelsd").solution.float()
     with torch.no_grad():
-        pipe.mem.linear.weight.copy_(solution[:-1].T)
-        pipe.mem.linear.bias.copy_(solution[-1])
+        pipe.model.mem.linear.weight.copy_(solution[:-1].T)
+        pipe.model.mem.linear.bias.copy_(solution[-1])
 
 
 def test_automatic_map_differs_between_differently_degraded_halves(photo):

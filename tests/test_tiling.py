@@ -9,15 +9,9 @@ import torch.nn.functional as F
 
 from rcod_core import tiling
 from rcod_core.memory import TilePlan, choose_tile
-from rcod_core.tiling import (
-    Cancelled,
-    gaussian_weights,
-    tile_grid,
-    tile_starts,
-    tiled_apply,
-    tiled_decode,
-    tiled_encode,
-)
+from rcod_core.progress import Cancelled
+from rcod_core.tiling import gaussian_weights, tile_grid, tile_starts, tiled_apply
+from rcod_core.vae_tiling import tiled_decode, tiled_encode
 
 
 def _coverage(h, w, boxes):

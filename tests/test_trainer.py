@@ -120,23 +120,34 @@ def test_das_in_range_both_modes():
 
 
 def test_ldg_groups_each_sample(tmp_path):
+    import json
+
+    from rcod_core.grouping import select_timestep
     from trainer import config as C
-    from trainer.models import _Generator, grouping_rule
+    from trainer.models import grouping_rule
 
     metric = torch.tensor([0.2, 0.55, 0.9, 0.69])
-    gen = _Generator()
-    for rule, expected in (("official", [749, 499, 249, 499]), ("paper", [750, 500, 250, 500])):
-        gen.rule = grouping_rule(C.build({"grouping": {"rule": rule}, **_config(tmp_path)}))
-        assert gen.timesteps(metric).tolist() == expected
-    gen.rule = grouping_rule(C.build({**_config(tmp_path), "grouping": {"rule": "quantiles", "quantiles": [0.6, 0.7, 0.8]}}))
-    assert gen.timesteps(metric).tolist() == [999, 999, 249, 749]
+    rule = grouping_rule(C.build({**_config(tmp_path), "grouping": {"rule": "official"}}))
+    assert select_timestep(metric, rule).tolist() == [749, 499, 249, 499]
+    # Eq. 5 with the bounds a scan-metric file gives: [0.2, 0.9] → edges 0.433 / 0.667
+    scan = tmp_path / "scan.json"
+    scan.write_text(json.dumps({"m_min": 0.2, "m_max": 0.9, "quantile_edges": [0.6, 0.7, 0.8]}))
+    rule = grouping_rule(C.build({**_config(tmp_path), "grouping": {"rule": "paper", "bounds": str(scan)}}))
+    assert (rule.m_min, rule.m_max) == (0.2, 0.9)
+    assert select_timestep(metric, rule).tolist() == [750, 500, 250, 250]
+    rule = grouping_rule(C.build({**_config(tmp_path), "grouping": {"rule": "edges", "bounds": str(scan)}}))
+    assert select_timestep(metric, rule).tolist() == [999, 999, 250, 750]
+    rule = grouping_rule(C.build({**_config(tmp_path), "grouping": {"rule": "quantiles", "quantiles": [0.6, 0.7, 0.8]}}))
+    assert select_timestep(metric, rule).tolist() == [999, 999, 250, 750]
+    with pytest.raises(C.ConfigError, match="scan-metric"):
+        C.build({**_config(tmp_path), "grouping": {"rule": "paper"}})
 
 
 # -- degradations -----------------------------------------------------------------------------------
 
 def test_degradation_per_sample_determinism():
     from trainer.data import generator
-    from trainer.degradations import RealESRGANDegradation
+    from trainer.realesrgan import RealESRGANDegradation
 
     deg = RealESRGANDegradation()
     hr = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -149,7 +160,7 @@ def test_degradation_per_sample_determinism():
 
 
 def test_kernels_normalised():
-    from trainer.degradations import DegradationConfig, RealESRGANDegradation
+    from trainer.realesrgan import DegradationConfig, RealESRGANDegradation
 
     deg = RealESRGANDegradation(DegradationConfig(sinc_prob=0.5))
     g = torch.Generator().manual_seed(1)

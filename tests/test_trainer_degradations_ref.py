@@ -55,7 +55,7 @@ def ref():
 
 
 def test_kernel_shapes_match_reference(ref):
-    from trainer.degradations import bivariate_kernel, sinc_kernel
+    from trainer.realesrgan import bivariate_kernel, sinc_kernel
 
     for size, cutoff in ((7, math.pi / 2), (13, 1.1), (21, math.pi / 4)):
         ours = sinc_kernel(size, cutoff).numpy()
@@ -80,7 +80,7 @@ def _spread(k: np.ndarray) -> float:
 def test_kernel_statistics_match_reference(ref):
     """Same settings (first degradation of params_realesrgan.yml, no sinc): the distribution of the
     kernels' spread agrees with basicsr's random_mixed_kernels over 400 draws per kernel size."""
-    from trainer.degradations import DegradationConfig, random_kernel
+    from trainer.realesrgan import DegradationConfig, random_kernel
 
     c = DegradationConfig()
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """``rcod-train`` / ``python -m trainer.cli``: train RCOD_O / RCOD_S / MEM, scan a dataset's M_L.
 
     python -m trainer.cli train --config trainer/examples/cpu_mini.yaml [--resume DIR] [--output DIR] [--max-steps N]
-    python -m trainer.cli scan-metric --config CONFIG [--samples 256] [--groups 3]
+    python -m trainer.cli scan-metric --config CONFIG [--samples 256] [--groups 3] [--out metric_scan.json]
 
 Multi-GPU: ``accelerate launch [--num_processes N] -m trainer.cli train --config ...``.
 """
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -30,14 +31,19 @@ def _load_config(args) -> dict:
 
 @torch.no_grad()
 def scan_metric(cfg: dict, samples: int = 256, groups: int = 3, batch: int = 4) -> dict:
-    """M_L = cos(VAE(LR↑), VAE(HR)) over ``samples`` training crops (LR made as in training)."""
-    from rcod_core.grouping import latent_metric
+    """M_L = cos(VAE(LR↑), VAE(HR)) over ``samples`` training crops, LR made and latents drawn exactly
+    as in training, with the frozen base VAE (the one training's LDG uses) → :func:`metric_summary`
+    plus a config hint for the paper rule (Eq. 5's bounds)."""
+    from rcod_core.grouping import metric_summary
+    from rcod_core.model import measure_metric
 
     from .data import generator
-    from .engine import SALT_DEGRADE, SALT_LATENT, build_train_dataset, upscale, vae_warmup
-    from .degradations import DegradationConfig, RealESRGANDegradation
+    from .engine import SALT_DEGRADE, build_train_dataset, latent_shape, sample_draws, upscale, vae_warmup
+    from .realesrgan import DegradationConfig, RealESRGANDegradation
     from .models import load_base_models
 
+    if samples < 1:
+        raise config_mod.ConfigError(f"--samples must be at least 1, got {samples}")
     config_mod.check_paths({**cfg, "lpips": {**cfg["lpips"], "mode": "off"}, "loss": {**cfg["loss"], "gan": 0.0}})
     if cfg["train"]["threads"]:
         torch.set_num_threads(int(cfg["train"]["threads"]))
@@ -46,31 +52,19 @@ def scan_metric(cfg: dict, samples: int = 256, groups: int = 3, batch: int = 4) 
     warm = vae_warmup(cfg, dataset, lambda r: print(json.dumps(r), file=sys.stderr)) if cfg["base"]["family"] == "tiny" else None
     bundle = load_base_models({**cfg}, with_clip=False, warmup=warm)
     vae = bundle.clean_vae.eval()
-    scale = float(vae.config.scaling_factor)
     values = []
     for start in range(0, samples, batch):
         items = [dataset[k] for k in range(start, min(samples, start + batch))]
         hr = torch.stack([it["hr"] for it in items])
-        idx = [it["index"] for it in items]
+        idx = [int(it["index"]) for it in items]
         lr = torch.stack([it["lr"] for it in items]) if "lr" in items[0] else degrade(
             hr, [generator(cfg["seed"], k, SALT_DEGRADE) for k in idx])
         lr_up = upscale(lr, hr.shape[-2:], cfg["data"]["lr_upscale"])
-        def enc(x, which):
-            dist = vae.encode(x * 2 - 1).latent_dist
-            if cfg["grouping"]["latent"] == "mode":
-                return dist.mode() * scale
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=generator(cfg["seed"], k, SALT_LATENT + 10 * which)) for k in idx])
-            return (dist.mean + dist.std * noise) * scale
-        values.append(latent_metric(enc(lr_up, 0), enc(hr, 1)))
-    m = torch.cat(values).double()
-    edges = [float(torch.quantile(m, i / groups)) for i in range(1, groups)]
-    return {
-        "samples": int(m.numel()),
-        "mean": float(m.mean()), "std": float(m.std()), "min": float(m.min()), "max": float(m.max()),
-        "percentiles": {str(p): float(torch.quantile(m, p / 100)) for p in (5, 10, 25, 50, 75, 90, 95)},
-        "group_edges": edges,
-        "config_hint": {"grouping": {"rule": "quantiles", "quantiles": [round(e, 4) for e in edges]}},
-    }
+        draws = sample_draws(cfg["seed"], idx, latent_shape(vae, hr), cfg["grouping"]["latent"])
+        values.append(measure_metric(vae, lr_up, hr, draws["noise_lr"], draws["noise_hr"]))
+    summary = metric_summary(torch.cat(values), groups)
+    summary["config_hint"] = {"grouping": {"rule": "paper", "n": groups, "bounds": "<this file>"}}
+    return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,10 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--samples", type=int, default=256)
     s.add_argument("--groups", type=int, default=3)
     s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--out", help="also write the summary here (JSON): a training config's grouping.bounds names it")
     args = parser.parse_args(argv)
     from .data import DataError
     from .engine import TrainError
     from .losses import WeightsError
+    from .models import RuleError
     from rcod_core.checkpoints import CheckpointError
 
     try:
@@ -101,8 +97,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = train(cfg, resume=args.resume, log_stdout=not args.quiet)
             print(json.dumps({"done": summary}))
         else:
-            print(json.dumps(scan_metric(cfg, args.samples, args.groups, args.batch), indent=2))
-    except (config_mod.ConfigError, DataError, TrainError, WeightsError, CheckpointError, FileNotFoundError) as exc:
+            summary = scan_metric(cfg, args.samples, args.groups, args.batch)
+            text = json.dumps(summary, indent=2)
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.tmp")
+                tmp.write_text(text + "\n", encoding="utf-8")
+                os.replace(tmp, out)
+            print(text)
+    except (config_mod.ConfigError, DataError, TrainError, WeightsError, CheckpointError, RuleError, FileNotFoundError, OSError) as exc:
         print(f"rcod-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

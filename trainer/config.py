@@ -46,15 +46,17 @@ DEFAULTS: dict[str, Any] = {
         "cache_images": True,
         "num_workers": 0,
         "lr_upscale": "bicubic",
-        "degradation": {},            # Real-ESRGAN settings (trainer.degradations.DegradationConfig)
+        "degradation": {},            # Real-ESRGAN settings (trainer.realesrgan.DegradationConfig)
     },
     "grouping": {
-        "rule": "official",           # official (thresholds) | paper (Eq. 5) | quantiles
+        "rule": "official",           # official (the release's thresholds) | paper (Eq. 5) | edges (alias: quantiles)
         "n": 3,
         "k": 250,
-        "m_min": None,                # paper rule bounds (default: edges at the release's thresholds)
-        "m_max": 0.9,
-        "quantiles": None,            # ascending M_L edges (from `scan-metric`) for rule: quantiles
+        "bounds": None,               # the file `rcod-train scan-metric --out FILE` writes (M_L min/max, quantiles)
+        "m_min": None,                # paper rule: Eq. 5's M_L bounds (default: from the bounds file)
+        "m_max": None,
+        "quantiles": None,            # edges rule: ascending M_L edges (default: the bounds file's quantile edges)
+        "timesteps": None,            # edges rule: t per group, lowest M_L first (default: k * (n - g))
         "latent": "sample",           # VAE latent for M_L and training: sample (release) | mode
     },
     "das": {"mode": "official", "k": 250, "low": 20, "high": 980},
@@ -88,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "log": {"every": 10, "tensorboard": "auto"},   # auto | on | off (a JSONL log is always written)
     "checkpoint": {"every": 1000},
-    "validation": {"every": 1000, "timesteps": [250, 500, 750], "save_images": True},
+    "validation": {"every": 1000, "timesteps": ["fidelity", "neutral", "realism"], "save_images": True},  # presets or t
 }
 
 #: Loss weights and learning rates of each model in the releases.
@@ -103,7 +105,7 @@ MODEL_DEFAULTS = {
 
 #: keys whose value is a free-form mapping validated elsewhere
 FREE_FORM = {("spec",), ("data", "degradation")}
-PATH_KEYS = {("base", "path"), ("base", "clip"), ("init", "checkpoint"), ("init", "de_net"), ("lpips", "vgg_weights"),
+PATH_KEYS = {("grouping", "bounds"), ("base", "path"), ("base", "clip"), ("init", "checkpoint"), ("init", "de_net"), ("lpips", "vgg_weights"),
              ("lpips", "lin_weights"), ("gan", "weights"), ("mem", "generator"), ("output_dir",)}
 
 
@@ -206,7 +208,7 @@ def check_values(cfg: dict) -> None:
     """Values that can be checked without touching files."""
     _choice(cfg, ("model",), MODELS)
     _choice(cfg, ("base", "family"), ("sd21_base", "sd_turbo", "tiny"))
-    _choice(cfg, ("grouping", "rule"), ("official", "paper", "quantiles"))
+    _choice(cfg, ("grouping", "rule"), ("official", "paper", "edges", "quantiles"))
     _choice(cfg, ("grouping", "latent"), ("sample", "mode"))
     _choice(cfg, ("das", "mode"), ("official", "paper"))
     _choice(cfg, ("lpips", "mode"), ("pretrained", "random-init", "off"))
@@ -240,10 +242,30 @@ def check_values(cfg: dict) -> None:
     kinds = {s.get("type") for s in d["train"]}
     if len(kinds) > 1:
         raise ConfigError(f"config data.train mixes source types {sorted(kinds)}; use one type per run")
-    if cfg["grouping"]["rule"] == "quantiles":
-        q = cfg["grouping"]["quantiles"]
+    g = cfg["grouping"]
+    if g["quantiles"] is not None:
+        q = g["quantiles"]
         if not isinstance(q, list) or not q or q != sorted(q):
             raise ConfigError("config grouping.quantiles must be an ascending list of M_L edges (see `rcod-train scan-metric`)")
+    if g["rule"] in ("edges", "quantiles") and g["quantiles"] is None and g["bounds"] is None:
+        raise ConfigError(f"config grouping.rule {g['rule']} needs grouping.quantiles or grouping.bounds "
+                          f"(the file `rcod-train scan-metric --out FILE` writes)")
+    if g["rule"] == "paper" and g["bounds"] is None and (g["m_min"] is None or g["m_max"] is None):
+        raise ConfigError("config grouping.rule paper (Eq. 5) needs the training data's M_L bounds: set grouping.bounds "
+                          "to the file `rcod-train scan-metric --out FILE` writes, or grouping.m_min and m_max")
+    for key in ("m_min", "m_max"):
+        if g[key] is not None and (not isinstance(g[key], (int, float)) or isinstance(g[key], bool)):
+            raise ConfigError(f"config grouping.{key} must be a number, got {g[key]!r}")
+    if g["timesteps"] is not None and (not isinstance(g["timesteps"], list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in g["timesteps"])):
+        raise ConfigError(f"config grouping.timesteps must be a list of integer timesteps, got {g['timesteps']!r}")
+    for t in cfg["validation"]["timesteps"]:
+        try:
+            from rcod_core.grouping import resolve_realism
+
+            resolve_realism(t)
+        except ValueError as exc:
+            raise ConfigError(f"config validation.timesteps: {exc}") from None
     if cfg["base"]["family"] != "tiny" and cfg["base"]["path"] is None:
         raise ConfigError(f"config base.path is required for base.family {cfg['base']['family']!r} "
                           f"(a diffusers folder or single-file checkpoint); use family 'tiny' for random tiny models")
@@ -277,6 +299,7 @@ def check_paths(cfg: dict) -> None:
     need(cfg["init"]["checkpoint"], "config init.checkpoint: start checkpoint")
     need(cfg["init"]["de_net"], "config init.de_net: DEResNet weights")
     need(cfg["mem"]["generator"], "config mem.generator: RCOD_S checkpoint")
+    need(cfg["grouping"]["bounds"], "config grouping.bounds: scan-metric file")
     if cfg["base"]["family"] != "tiny" and cfg["model"] != "mem" and cfg["base"]["clip"] is None:
         raise ConfigError("config base.clip is required: RCOD models condition on CLIP ViT-L/14 vision tokens (VPIM)")
     if cfg["lpips"]["mode"] == "pretrained" and cfg["loss"]["lpips"] > 0:

@@ -24,10 +24,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from rcod_core.grouping import resolve_realism, select_timestep
+from rcod_core.model import measure_metric
+from rcod_core.models import vae_factor
+
 from . import config as config_mod
 from .data import (DataError, HRCropDataset, PairedCropDataset, StreamSampler, ValidationSet, centre_crop, generator,
                    image_size, list_images, load_image, pair_files, to_tensor)
-from .degradations import DegradationConfig, RealESRGANDegradation
+from .realesrgan import DegradationConfig, RealESRGANDegradation
 from .losses import build_discriminator, build_lpips, gan_loss, vsd_loss
 
 STATE_FILE = "trainer_state.json"
@@ -85,7 +89,7 @@ def build_validation(cfg: dict, degrade: RealESRGANDegradation) -> Optional[Vali
 
 
 def upscale(lr: torch.Tensor, size, mode: str) -> torch.Tensor:
-    from rcod_core.pipeline import resize
+    from rcod_core.imageops import resize
 
     return resize(lr, tuple(size), mode)
 
@@ -94,6 +98,31 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [0, 1] (RGB, all pixels)."""
     mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
     return 10 * torch.log10(1.0 / mse)
+
+
+def sample_draws(seed: int, indices: list[int], latent_shape, latent: str, device=None) -> dict:
+    """Every random draw of a training step, per sample from its own seeded streams: the latent
+    draws of LR and HR (``None`` when ``latent`` is ``mode``), the VSD and regulariser noise and the
+    regulariser's timestep. Training, ``scan-metric`` and MEM targets use the same draws."""
+    n_lr, n_hr, n_vsd, n_reg, t_reg = [], [], [], [], []
+    for k in indices:
+        g = generator(seed, k, SALT_LATENT)
+        n_lr.append(torch.randn(latent_shape, generator=g))
+        n_hr.append(torch.randn(latent_shape, generator=g))
+        g = generator(seed, k, SALT_VSD)
+        n_vsd.append(torch.randn(latent_shape, generator=g))
+        g = generator(seed, k, SALT_REG)
+        n_reg.append(torch.randn(latent_shape, generator=g))
+        t_reg.append(int(torch.randint(0, 1000, (), generator=g)))
+    stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
+    sampled = latent == "sample"
+    return {"noise_lr": stack(n_lr) if sampled else None, "noise_hr": stack(n_hr) if sampled else None,
+            "noise_vsd": stack(n_vsd), "noise_reg": stack(n_reg), "t_reg": torch.tensor(t_reg, device=device)}
+
+
+def latent_shape(vae, hr: torch.Tensor) -> tuple[int, int, int]:
+    f = vae_factor(vae)
+    return (int(vae.config.latent_channels), hr.shape[-2] // f, hr.shape[-1] // f)
 
 
 # -- the tiny base's VAE warm-up (CPU proof only) -------------------------------------------------------
@@ -248,6 +277,8 @@ class Trainer:
             else:
                 self.generator = build_rcod_s(cfg, self.bundle)
             self.spec = self.generator.spec
+            # LDG's M_L comes from the frozen base VAE (no LoRA), so groups stay put while the VAE LoRA trains
+            self.metric_vae = self.bundle.clean_vae.requires_grad_(False).eval().to(self.device)
             self.lpips = build_lpips(cfg)
             if kind == "rcod_s" and cfg["loss"]["gan"] > 0:
                 self.discriminator = build_discriminator(cfg)
@@ -289,19 +320,31 @@ class Trainer:
         acc.register_load_state_pre_hook(self._load_hook)
 
     def _build_mem(self) -> None:
-        from rcod_core.degradation import MetricEstimator
-        from rcod_core.loader import load_pipeline
+        """MEM learns M_L (frozen base VAE) from DEResNet's features; both frozen, on the training device."""
+        from rcod_core.checkpoints import load_checkpoint
+        from rcod_core.deresnet import DEResNet
+        from rcod_core.loader import load_base
+        from rcod_core.mem import MetricEstimator
 
-        pipe = load_pipeline(self.cfg["mem"]["generator"])
-        if pipe.spec.kind != "rcod_s":
-            raise TrainError(f"{self.cfg['mem']['generator']}: MEM is trained on an RCOD_S generator, not {pipe.spec.kind}")
-        self.pipe = pipe
-        for m in (pipe.unet, pipe.vae, pipe.de_net, pipe.unet_guidance, pipe.vae_guidance):
-            m.requires_grad_(False)
+        path = self.cfg["mem"]["generator"]
+        ckpt = load_checkpoint(path)
+        if ckpt.spec.kind != "rcod_s" or "de_net" not in ckpt.groups:
+            raise TrainError(f"{path}: MEM is trained on an RCOD_S generator with its DEResNet, not {ckpt.spec.kind}")
+        base_path = self.cfg["base"]["path"] or ckpt.metadata.get("base")
+        if not base_path:
+            raise TrainError(f"{path} names no base model and config base.path is not set: MEM's targets need "
+                             f"the frozen base VAE")
+        if not os.path.isabs(base_path):
+            base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base_path)
+        self.metric_vae = load_base(base_path, ckpt.spec.base, with_clip=False).vae.requires_grad_(False).eval()
+        self.metric_vae.to(self.device)
+        self.de_net = DEResNet()
+        self.de_net.load_state_dict(ckpt.groups["de_net"])
+        self.de_net.requires_grad_(False).eval().to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg["seed"] + 17)
-            self.generator = MetricEstimator(pipe.de_net.feature_dim)
-        self.spec = pipe.spec
+            self.generator = MetricEstimator(self.de_net.feature_dim)
+        self.spec = ckpt.spec
 
     # trainable-only model state inside accelerate's checkpoints
     def _save_hook(self, models, weights, output_dir):
@@ -327,21 +370,7 @@ class Trainer:
 
     # per-sample random draws
     def _draws(self, indices: list[int], latent_shape) -> dict:
-
-        n_lr, n_hr, n_vsd, n_reg, t_reg = [], [], [], [], []
-        for k in indices:
-            g = generator(self.cfg["seed"], k, SALT_LATENT)
-            n_lr.append(torch.randn(latent_shape, generator=g))
-            n_hr.append(torch.randn(latent_shape, generator=g))
-            g = generator(self.cfg["seed"], k, SALT_VSD)
-            n_vsd.append(torch.randn(latent_shape, generator=g))
-            g = generator(self.cfg["seed"], k, SALT_REG)
-            n_reg.append(torch.randn(latent_shape, generator=g))
-            t_reg.append(int(torch.randint(0, 1000, (), generator=g)))
-        stack = lambda xs: torch.stack(xs).to(self.device)
-        latent = self.cfg["grouping"]["latent"] == "sample"
-        return {"noise_lr": stack(n_lr) if latent else None, "noise_hr": stack(n_hr) if latent else None,
-                "noise_vsd": stack(n_vsd), "noise_reg": stack(n_reg), "t_reg": torch.tensor(t_reg, device=self.device)}
+        return sample_draws(self.cfg["seed"], indices, latent_shape, self.cfg["grouping"]["latent"], self.device)
 
     def _das(self, indices: list[int], t: torch.Tensor) -> torch.Tensor:
         from rcod_core.grouping import sample_regulariser_timestep
@@ -374,50 +403,52 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
 
     def _generate(self, hr, lr, lr_up, indices, logs):
-        """The generator's forward and its reconstruction losses (L2 + LPIPS), shared by both models."""
+        """LDG picks each sample's t (Eq. 4-6, frozen base VAE), then the generator's forward and its
+        reconstruction losses (L2 + LPIPS), shared by both models."""
         w = self.cfg["loss"]
         gen_u = self.accelerator.unwrap_model(self.generator)
-        latent_shape = (gen_u.vae.config.latent_channels, hr.shape[-2] // 8, hr.shape[-1] // 8)
-        draws = self._draws(indices, latent_shape)
-        out = self.generator(lr_up, hr, draws["noise_lr"], draws["noise_hr"], lr=lr)
+        draws = self._draws(indices, latent_shape(self.metric_vae, hr))
+        metric = measure_metric(self.metric_vae, lr_up, hr, draws["noise_lr"], draws["noise_hr"])
+        t = select_timestep(metric.float().cpu(), self.spec.grouping).to(self.device)
+        out = self.generator(lr_up, t, lr=lr, noise=draws["noise_lr"])
         target = hr * 2 - 1
-        loss_l2 = F.mse_loss(out["x_pred"].float(), target.float())
+        loss_l2 = F.mse_loss(out.x_pred.float(), target.float())
         loss = w["l2"] * loss_l2
         logs["loss_l2"] = float(loss_l2.detach())
         if self.lpips is not None:
-            loss_lp = self.lpips(out["x_pred"].float(), target.float()).mean()
+            loss_lp = self.lpips(out.x_pred.float(), target.float()).mean()
             loss = loss + w["lpips"] * loss_lp
             logs["loss_lpips"] = float(loss_lp.detach())
-        return gen_u, draws, out, target, loss
+        return gen_u, draws, out, t, target, loss
 
     def _step_rcod_o(self, hr, lr, lr_up, indices, logs):
         cfg, acc = self.cfg, self.accelerator
         w = cfg["loss"]
-        gen_u, draws, out, target, loss = self._generate(hr, lr, lr_up, indices, logs)
+        gen_u, draws, out, t, target, loss = self._generate(hr, lr, lr_up, indices, logs)
         if w["vsd"] > 0:
             reg_u = acc.unwrap_model(self.regulariser)
-            t_r = self._das(indices, out["t"])
-            negative = gen_u.prompt_encoder.negative_tokens(hr.shape[0]).to(out["tokens"])
-            x0_fake, x0_real = reg_u.scores(out["z_pred"], out["tokens"], negative, t_r, draws["noise_vsd"], w["cfg"])
-            loss_vsd = vsd_loss(out["z_pred"], x0_fake, x0_real)
+            t_r = self._das(indices, t)
+            negative = gen_u.prompt_encoder.negative_tokens(hr.shape[0]).to(out.tokens)
+            x0_fake, x0_real = reg_u.scores(out.z_pred, out.tokens, negative, t_r, draws["noise_vsd"], w["cfg"])
+            loss_vsd = vsd_loss(out.z_pred, x0_fake, x0_real)
             loss = loss + w["vsd"] * loss_vsd
             logs["loss_vsd"] = float(loss_vsd.detach())
         self._update(loss, self.gen_params, self.opt, self.sched)
         if self.regulariser is not None and w["vsd_lora"] > 0:
-            loss_d = self.regulariser(out["z_pred"].detach(), out["tokens"].detach(), draws["t_reg"], draws["noise_reg"])
+            loss_d = self.regulariser(out.z_pred.detach(), out.tokens.detach(), draws["t_reg"], draws["noise_reg"])
             self._update(w["vsd_lora"] * loss_d, self.reg_params, self.opt_reg, self.sched_reg)
             logs["loss_reg"] = float(loss_d.detach())
         logs["loss"] = float(loss.detach())
-        return out
+        return t
 
     def _step_rcod_s(self, hr, lr, lr_up, indices, logs):
         cfg, acc = self.cfg, self.accelerator
         w = cfg["loss"]
-        gen_u, draws, out, target, loss = self._generate(hr, lr, lr_up, indices, logs)
+        gen_u, draws, out, t, target, loss = self._generate(hr, lr, lr_up, indices, logs)
         if self.discriminator is not None:
             disc_u = acc.unwrap_model(self.discriminator)
             disc_u.requires_grad_(False)  # the generator's GAN loss must not touch D's gradients
-            loss_g = gan_loss(disc_u(out["x_pred"]), real=True)
+            loss_g = gan_loss(disc_u(out.x_pred), real=True)
             for p in self.disc_params:
                 p.requires_grad_(True)
             loss = loss + w["gan"] * loss_g
@@ -425,40 +456,28 @@ class Trainer:
         self._update(loss, self.gen_params, self.opt, self.sched)
         if self.discriminator is not None:
             b = hr.shape[0]
-            logits = self.discriminator(torch.cat([target, out["x_pred"].detach()]))
+            logits = self.discriminator(torch.cat([target, out.x_pred.detach()]))
             loss_d = gan_loss([l[:b] for l in logits], True) + gan_loss([l[b:] for l in logits], False)
             self._update(w["gan"] * loss_d, self.disc_params, self.opt_disc, self.sched_disc)
             logs["loss_gan_d"] = float(loss_d.detach())
         logs["loss"] = float(loss.detach())
-        return out
+        return t
 
     @torch.no_grad()
     def mem_target(self, hr, lr, lr_up, noise_lr, noise_hr):
-        """Per-sample M_L of the frozen RCOD_S VAE (LR vs HR latents) and DEResNet features."""
-        from rcod_core.grouping import latent_metric
-
-        pipe = self.pipe
-        state = pipe.condition(lr)
-        def enc(x, noise):
-            dist = pipe.vae.encode(x * 2 - 1).latent_dist
-            z = dist.mode() if noise is None else dist.mean + dist.std * noise
-            return z * pipe.scaling_factor
-        return latent_metric(enc(lr_up, noise_lr), enc(hr, noise_hr)), state["features"]
+        """Per-sample M_L of the frozen base VAE (LR vs HR latents) and DEResNet's pooled features."""
+        features = self.de_net.forward_features(lr.float())[1]
+        return measure_metric(self.metric_vae, lr_up, hr, noise_lr, noise_hr), features
 
     def _step_mem(self, hr, lr, lr_up, indices, logs):
-        acc = self.accelerator
-        latent_shape = (self.pipe.vae.config.latent_channels, hr.shape[-2] // 8, hr.shape[-1] // 8)
-        draws = self._draws(indices, latent_shape)
+        draws = self._draws(indices, latent_shape(self.metric_vae, hr))
         target, features = self.mem_target(hr, lr, lr_up, draws["noise_lr"], draws["noise_hr"])
         pred = self.generator(features)
         loss = F.mse_loss(pred, target)  # every sample (the release used sample 0 only)
-        acc.backward(loss)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._update(loss, [p for p in self.generator.parameters() if p.requires_grad], self.opt, self.sched)
         logs["loss"] = float(loss.detach())
         logs["metric_mean"] = float(target.mean())
-        return {"t": None}
+        return None
 
     # validation
     @torch.no_grad()
@@ -481,10 +500,10 @@ class Trainer:
             self.ema.swap()
         gen.eval()
         rows = [lr_up]
-        for t in cfg["validation"]["timesteps"]:
-            tt = int(t) - 1 if self.spec.preset_style == "official" and int(t) in (250, 500, 750) else int(t)
-            out = gen(lr_up, None, None, None, lr=lr, timesteps=torch.full((hr.shape[0],), tt, device=self.device))
-            x = (out["x_pred"].float() + 1) / 2
+        for realism in cfg["validation"]["timesteps"]:
+            t = resolve_realism(realism, self.spec.preset_style)
+            out = gen(lr_up, torch.full((hr.shape[0],), t, device=self.device), lr=lr)
+            x = (out.x_pred.float() + 1) / 2
             result[f"val_psnr_t{t}"] = float(psnr(x, hr).mean())
             rows.append(x)
         gen.train()
@@ -502,7 +521,7 @@ class Trainer:
         return result
 
     # checkpoints
-    def export(self) -> "Checkpoint":
+    def export(self) -> tuple:
         from .models import export_checkpoint
 
         if self.cfg["model"] == "mem":
@@ -610,10 +629,10 @@ class Trainer:
             models = [m for m in (self.generator, self.regulariser, self.discriminator) if m is not None]
             with acc.accumulate(*models):
                 fn = {"rcod_o": self._step_rcod_o, "rcod_s": self._step_rcod_s, "mem": self._step_mem}[cfg["model"]]
-                out = fn(hr, lr, lr_up, indices, logs)
+                t_used = fn(hr, lr, lr_up, indices, logs)
             micro += 1
-            if out.get("t") is not None:
-                for t in out["t"].tolist():
+            if t_used is not None:
+                for t in t_used.tolist():
                     t_counts[int(t)] = t_counts.get(int(t), 0) + 1
             if not acc.sync_gradients:
                 continue

@@ -26,7 +26,7 @@ LAYOUT = {
 
 def install_tiny_models(models_dir: Path, tiny_dir: Path, copy: bool = True) -> None:
     """Make the tiny set in ``tiny_dir`` (unless there) and link it into ``models_dir``'s folders."""
-    from rcod_core.tiny import make_tiny
+    from rcod_core.testing.tiny import make_tiny
 
     tiny_dir, models_dir = Path(tiny_dir), Path(models_dir)
     if not (tiny_dir / "rcod_s.safetensors").is_file():

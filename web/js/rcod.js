@@ -2,7 +2,6 @@
 // Served at /extensions/<this folder>/js/rcod.js, so ComfyUI's app module is three levels up.
 import { app } from "../../../scripts/app.js";
 
-const PRESET_T = { Fidelity: 250, Neutral: 500, Realism: 750 };
 const SHOWS_VALUES = new Set(["RCODLatentMetric", "RCODDenoise", "RCODUpscale", "RCODRealismSweep"]);
 const HAS_PRESET = new Set(["RCODDenoise", "RCODUpscale"]);
 
@@ -20,10 +19,17 @@ function formatValues(message) {
   return parts.join("  ·  ");
 }
 
-function linkPresetAndT(node) {
+// The preset -> t table comes from the node's own definition (its "preset" input's rcod_preset_t option).
+function presetTable(nodeData) {
+  const input = nodeData?.input?.required?.preset ?? nodeData?.input?.optional?.preset;
+  const table = Array.isArray(input) ? input[1]?.rcod_preset_t : null;
+  return table && typeof table === "object" ? table : null;
+}
+
+function linkPresetAndT(node, PRESET_T) {
   const preset = findWidget(node, "preset");
   const t = findWidget(node, "t");
-  if (!preset || !t) return;
+  if (!preset || !t || !PRESET_T) return;
   let syncing = false;
   const presetCallback = preset.callback;
   preset.callback = function (value, ...rest) {
@@ -60,10 +66,11 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const id = nodeData?.name;
     if (HAS_PRESET.has(id)) {
+      const table = presetTable(nodeData);
       const onNodeCreated = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         const r = onNodeCreated?.apply(this, arguments);
-        linkPresetAndT(this);
+        linkPresetAndT(this, table);
         return r;
       };
     }

@@ -8,7 +8,7 @@
 * Resumable: each (model, setting, image) is cached as ``OUT/cache/*.json`` (FID features beside
   it as ``.npy``) and skipped when present; a model whose results are all cached is not loaded.
 * Report: ``results.md`` (Table 2 layout), ``results.csv``, ``results.json`` (with per-image
-  scores) and ``metrics_vs_t.png``. Metric conventions: :mod:`rcod_core.metrics`.
+  scores) and ``metrics_vs_t.png``. Metric conventions: :mod:`rcod_core.tools.metrics`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .imageio import IMAGE_EXTENSIONS, load_image
-from .pipeline import MAX_SCALE, output_size
+from ..imageio import IMAGE_EXTENSIONS, load_image
+from ..imageops import MAX_SCALE, output_size
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_REALISM = "fidelity,realism"
@@ -580,11 +580,11 @@ def write_report(report: EvalReport, out_dir: PathLike) -> dict[str, Path]:
 
 # -- synthetic test data (offline demonstrations) ----------------------------------------------------
 
-def degrade(hr: torch.Tensor, scale: int = 4, blur_sigma: float = 1.2, noise_sigma: float = 2.0 / 255,
+def synthesize_lr(hr: torch.Tensor, scale: int = 4, blur_sigma: float = 1.2, noise_sigma: float = 2.0 / 255,
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A simple seeded degradation (1, 3, H, W) → (1, 3, H/scale, W/scale): Gaussian blur,
     bicubic downscale, Gaussian noise, clamp. For demos only (not the Real-ESRGAN pipeline)."""
-    from .realism import gaussian_blur
+    from ..realism import gaussian_blur
 
     x = gaussian_blur(hr, blur_sigma) if blur_sigma > 0 else hr
     h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
@@ -607,8 +607,8 @@ def demo_source() -> tuple[torch.Tensor, str]:
 def make_synthetic_pairs(lr_dir: PathLike, hr_dir: PathLike, hr_size: int = 128, count: int = 3,
                          scale: int = 4, seed: int = 0, source: Optional[torch.Tensor] = None) -> list[str]:
     """HR = ``count`` crops of a real photo (``hr_size``², a diagonal of positions), LR = their
-    :func:`degrade`. Writes PNGs ``crop{i}.png`` to both folders; returns the stems."""
-    from .imageio import LoadedImage, save_image
+    :func:`synthesize_lr`. Writes PNGs ``crop{i}.png`` to both folders; returns the stems."""
+    from ..imageio import LoadedImage, save_image
 
     image = demo_source()[0] if source is None else source
     h, w = image.shape[-2:]
@@ -620,7 +620,7 @@ def make_synthetic_pairs(lr_dir: PathLike, hr_dir: PathLike, hr_size: int = 128,
         y = (h - hr_size) * i // max(count - 1, 1)
         x = (w - hr_size) * (count - 1 - i) // max(count - 1, 1)
         hr = M.quantize(image[0, :, y:y + hr_size, x:x + hr_size])[None]
-        lr = degrade(hr, scale, generator=generator)
+        lr = synthesize_lr(hr, scale, generator=generator)
         stem = f"crop{i}"
         save_image(Path(hr_dir) / f"{stem}.png", LoadedImage(hr), overwrite=True)
         save_image(Path(lr_dir) / f"{stem}.png", LoadedImage(lr), overwrite=True)
@@ -669,7 +669,7 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
     if args.tiny_smoke and args.model:
         raise ValueError("give --model or --tiny-smoke, not both")
     if args.tiny_smoke:
-        from .build import tiny_pipeline
+        from ..testing.tiny import tiny_pipeline
 
         return [ModelEntry("tiny-smoke (random weights)", f"tiny-rcod_o-seed{args.seed}",
                            lambda: tiny_pipeline(kind="rcod_o", seed=args.seed, device=device, dtype=dtype), smoke=True)]
@@ -679,7 +679,7 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
     for model in args.model:
         if not Path(model).is_file():
             raise FileNotFoundError(f"--model {model!r} does not exist")
-        from .loader import load_pipeline
+        from ..loader import load_pipeline
 
         def load(model=model):
             return load_pipeline(model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
@@ -690,7 +690,7 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import resolve_device, resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -715,5 +715,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
 __all__ = [
     "ImagePair", "Setting", "ModelEntry", "EvalConfig", "EvalReport", "pair_images", "infer_scale", "parse_sweep",
     "parse_settings", "evaluate", "write_report", "render_markdown", "plot_metrics_vs_t", "make_synthetic_pairs",
-    "degrade", "add_eval_parser", "cmd_eval", "file_digest",
+    "synthesize_lr", "add_eval_parser", "cmd_eval", "file_digest",
 ]

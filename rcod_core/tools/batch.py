@@ -13,8 +13,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, save_image
-from .pipeline import RCODPipeline, StageOutput, resize
+from ..imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, save_image
+from ..imageops import resize
+from ..pipeline import RCODPipeline, StageOutput
 
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tif", "same")
 

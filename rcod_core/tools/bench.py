@@ -46,10 +46,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .build import assemble
-from .models import build_models
-from .pipeline import resize
-from .spec import ModelSpec
+from ..build import assemble
+from ..models import build_models
+from ..imageops import resize
+from ..spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")

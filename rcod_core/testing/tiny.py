@@ -8,6 +8,7 @@ the CLI, the ComfyUI nodes and the workflows offline. The weights are random: ou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import adapters
-from .checkpoints import load_checkpoint, merge_checkpoints, save_checkpoint
-from .degradation import (
-    DEResNet, DegradationGuidance, MatrixSlot, S3DIFF_UNET_TARGETS, S3DIFF_VAE_TARGET_REGEX, UNET_BLOCKS, VAE_BLOCKS,
+from .. import adapters
+from ..build import S3_KINDS, assemble, assemble_s3
+from ..checkpoints import canonicalize, load_checkpoint, merge_checkpoints, save_checkpoint
+from ..deresnet import DEResNet
+from ..guided_lora import (
+    DegradationGuidance, MatrixSlot, S3DIFF_UNET_TARGETS, S3DIFF_VAE_TARGET_REGEX, UNET_BLOCKS, VAE_BLOCKS,
     inject_degradation_lora, s3diff_unet_modules, s3diff_vae_modules, unet_block_index, vae_block_index,
 )
-from .models import CONFIG_ROOT, build_models, load_config, randomize_lora, randomize_parameters
+from ..pipeline import RCODPipeline
+from ..spec import ModelSpec
+from ..models import CONFIG_ROOT, build_models, load_config, randomize_lora, randomize_parameters
 
 #: ranks of the tiny RCOD_S / S3Diff files (the release uses 32 / 16 on the full-size model)
 TINY_S3_RANKS = (8, 4)
@@ -265,3 +270,37 @@ def make_tiny(directory: Path | str, seed: int = 0, overwrite: bool = False) -> 
                                load_checkpoint(out["rcod_s_mem.pkl"]))
     save_checkpoint(rcod_s, out["rcod_s.safetensors"], {"base": "base-sd-turbo", "clip": "clip-vision"})
     return out
+
+
+# -- whole pipelines ------------------------------------------------------------------------------
+
+def tiny_pipeline(
+    kind: str = "rcod_o",
+    seed: int = 0,
+    merge: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **spec_overrides,
+) -> RCODPipeline:
+    """A complete random-weight pipeline on the tiny configs: for tests, demos and smoke runs.
+
+    RCOD_S / S3Diff get the release's file layout written above (with MEM for RCOD_S), so they run
+    through exactly the loading path of real checkpoints.
+    """
+    if kind in S3_KINDS:
+        ckpt = canonicalize(s3diff_like_dict(kind, seed), kind)
+        parts = [canonicalize(de_net_state(seed), "de_net")]
+        if kind == "rcod_s":
+            parts.append(canonicalize(mem_dict(seed), "rcod_s_mem"))
+        ckpt = merge_checkpoints(ckpt, *parts)
+        spec = dataclasses.replace(ckpt.spec, **spec_overrides) if spec_overrides else ckpt.spec
+    else:
+        spec = ModelSpec.for_kind(kind, **spec_overrides)
+    base = build_models("tiny", seed=seed, with_clip=spec.uses_vpim)
+    generator = torch.Generator().manual_seed(seed + 1)
+    prompt_embeds = None
+    if not spec.uses_vpim:
+        prompt_embeds = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=generator)
+    if kind in S3_KINDS:
+        return assemble_s3(base, spec, ckpt.groups, device=device, dtype=dtype, prompt_embeds=prompt_embeds)
+    return assemble(base, spec, merge=merge, device=device, dtype=dtype, lora_generator=generator, prompt_embeds=prompt_embeds)

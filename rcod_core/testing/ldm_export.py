@@ -348,28 +348,7 @@ def write_single_file(
     return path
 
 
-@torch.no_grad()
-def own_storage_(module: nn.Module) -> nn.Module:
-    """Give every parameter and buffer of ``module`` its own freshly allocated copy, in place.
-
-    ``from_single_file`` on a ``.safetensors`` file leaves parameters as views into the memory-mapped
-    file, at offsets only 8-byte aligned. CPU kernels pick other code paths for such tensors, so a
-    model loaded that way gives outputs that differ in the last bits (~1e-6 measured on the tiny
-    UNet) from the same weights in ordinary (64-byte aligned) allocations. After this call the
-    outputs are bitwise those of the original model, and the file is no longer held open.
-    """
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None:
-                p.data = p.data.clone()
-        for name, b in list(sub._buffers.items()):
-            if b is not None:
-                sub._buffers[name] = b.clone()
-    return module
-
-
 __all__ = [
-    "own_storage_",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "unet_key_map",
