@@ -387,6 +387,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "rank_vae": checkpoint.spec.rank_vae,
         "unet_adapters": {a: len(m) for a, m in checkpoint.spec.unet_lora_groups.items()},
         "vae_adapters": {a: len(m) for a, m in checkpoint.spec.vae_lora_groups.items()},
+        # LDG: the rule stored with the weights; files without one (the release's) use its thresholds
+        "grouping": checkpoint.spec.grouping.to_dict(),
+        "grouping_rule": checkpoint.spec.grouping.describe() + (
+            "" if str(checkpoint.path or "").endswith(".safetensors") else " (this format stores no rule: the release's)"),
         "groups": groups,
         "parameters": parameters,
     }

@@ -5,6 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from test_nodes import ext  # noqa: E402,F401  (the extension over ComfyUI stand-ins)
+
 
 def test_comfyui_entry_imports_as_a_package():
     # ComfyUI loads custom_nodes/<folder>/__init__.py as a package under the folder's name.
@@ -16,8 +18,31 @@ def test_comfyui_entry_imports_as_a_package():
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(spec.name, None)
-    assert isinstance(module.NODE_CLASS_MAPPINGS, dict)
-    assert module.WEB_DIRECTORY == "./web"
+    # outside ComfyUI (no folder_paths): the package imports and offers no nodes
+    assert module.NODE_CLASS_MAPPINGS == {} and module.NODE_DISPLAY_NAME_MAPPINGS == {}
+    assert module.WEB_DIRECTORY == "./web" and (ROOT / "web" / "js" / "rcod.js").is_file()
+
+
+NODES = {"RCODModelLoader", "RCODVisualPrompt", "RCODLatentMetric", "RCODEncode", "RCODDenoise", "RCODDecode",
+         "RCODUpscale", "RCODRealismSweep"}
+
+
+def test_comfyui_entry_registers_every_node(ext):
+    """Inside ComfyUI (the stand-ins of test_nodes): every node with a display name and the classic API."""
+    assert set(ext.NODE_CLASS_MAPPINGS) == NODES
+    assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == NODES
+    for name, cls in ext.NODE_CLASS_MAPPINGS.items():
+        assert ext.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("RCOD"), name
+        assert callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY.startswith("RCOD"), name
+        assert isinstance(cls.INPUT_TYPES()["required"], dict) and isinstance(cls.RETURN_TYPES, tuple), name
+
+
+def test_presets_come_from_rcod_core():
+    """The nodes' presets are rcod_core's, and the web extension has no copy of them."""
+    from rcod_core.grouping import PRESETS
+
+    js = (ROOT / "web" / "js" / "rcod.js").read_text()
+    assert "rcod_preset_t" in js and not any(f"{name.capitalize()}: {t}" in js for name, t in PRESETS.items())
 
 
 def test_rcod_core_never_imports_comfy():

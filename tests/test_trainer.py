@@ -106,17 +106,20 @@ def test_gan_backbone_needs_weights(tmp_path, capsys):
 
 # -- DAS and LDG ------------------------------------------------------------------------------------
 
-def test_das_in_range_both_modes():
-    from rcod_core.grouping import sample_regulariser_timestep
+def test_das_draws_per_sample_over_eq7s_whole_range(tmp_path):
+    """The trainer's regulariser timesteps: each sample's from its own stream (the same whatever batch
+    it is in) and, over many samples, exactly Eq. 7's range {t-k .. t+k} (paper) / [20, 980) (release)."""
+    from trainer import config as C
+    from trainer.engine import Trainer
 
-    t = torch.tensor([249, 499, 749, 999] * 500)
-    g = torch.Generator().manual_seed(0)
-    paper = sample_regulariser_timestep(t, "paper", k=250, generator=g)
-    assert ((paper >= (t - 250).clamp(min=20)) & (paper <= (t + 250).clamp(max=980))).all()
-    official = sample_regulariser_timestep(t, "official", generator=g)
-    low = torch.where(t < 749, 20, 200)
-    assert ((official >= low) & (official < 980)).all()
-    assert official[t == 999].min() >= 200 and official[t == 249].min() < 200
+    for mode, t, support in (("paper", 499, range(249, 750)), ("official", 249, range(20, 980)),
+                             ("official", 749, range(200, 980))):
+        tr = Trainer(C.build(_config(tmp_path, das={"mode": mode})), log_stdout=False)
+        tr.device = torch.device("cpu")
+        pair = tr._das([5, 9], torch.tensor([t, t]))
+        assert pair[1] == tr._das([9], torch.tensor([t]))[0] and pair[0] == tr._das([5], torch.tensor([t]))[0]
+        many = tr._das(list(range(12000)), torch.full((12000,), t))
+        assert set(many.tolist()) == set(support), (mode, t)
 
 
 def test_ldg_groups_each_sample(tmp_path):
