@@ -23,6 +23,8 @@ the :class:`~rcod_core.spec.ModelSpec` as JSON, so one file fully describes a mo
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import pickle
 import struct
@@ -34,6 +36,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .adapters import dedupe, modules_from_state_dict
+from .grouping import GroupingRule
 from .spec import ModelSpec
 
 PathLike = Union[str, os.PathLike]
@@ -360,15 +363,19 @@ def merge_checkpoints(main: Checkpoint, *parts: Checkpoint) -> Checkpoint:
     return Checkpoint(main.spec, groups, main.source_format, main.path, dict(main.metadata))
 
 
-def convert(src: PathLike, dst: PathLike, extras: tuple[PathLike, ...] = (), metadata: Mapping[str, str] | None = None) -> Checkpoint:
-    """Any supported checkpoint (+ MEM / DEResNet files) → our single ``.safetensors``."""
+def convert(src: PathLike, dst: PathLike, extras: tuple[PathLike, ...] = (), metadata: Mapping[str, str] | None = None,
+            grouping: Optional[GroupingRule] = None) -> Checkpoint:
+    """Any supported checkpoint (+ MEM / DEResNet files) → our single ``.safetensors``; ``grouping``
+    replaces the file's LDG rule (e.g. Eq. 5 with the bounds its training data had)."""
     ckpt = load_checkpoint(src)
+    if grouping is not None:
+        ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, grouping=grouping))
     if ckpt.source_format in ("rcod_s_mem", "de_net"):
         raise CheckpointError(f"{src}: a {ckpt.source_format} file is a part; convert the generator checkpoint and pass this one as an extra")
     if extras:
         ckpt = merge_checkpoints(ckpt, *(load_checkpoint(e) for e in extras))
     save_checkpoint(ckpt, dst, metadata)
-    return ckpt
+    return dataclasses.replace(ckpt, path=str(dst))
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:

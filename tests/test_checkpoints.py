@@ -252,3 +252,31 @@ def test_model_name_inside_folder(tiny_set):
     assert safe_model_path(tiny_set, "rcod_o.pkl") == (tiny_set / "rcod_o.pkl").resolve()
     with pytest.raises(FileNotFoundError, match="not found"):
         safe_model_path(tiny_set, "nope.pkl")
+
+
+def test_convert_stores_a_grouping_rule_that_adaptive_inference_uses(tiny_set, tmp_path, capsys):
+    """``rcod convert --grouping scan.json``: Eq. 5 with a training set's bounds travels in the file;
+    ``rcod info`` shows it; the loaded pipeline's adaptive t follows it, not the release's thresholds."""
+    import json
+
+    from rcod_core.grouping import GroupingRule
+    from rcod_core.loader import load_pipeline
+    from rcod_core.tools.cli import main
+
+    scan = tmp_path / "scan.json"
+    scan.write_text(json.dumps({"m_min": 0.55, "m_max": 0.85, "quantile_edges": [0.6, 0.7]}))
+    out = tmp_path / "rcod_s.safetensors"
+    args = ["convert", str(tiny_set / "rcod_s.pkl"), str(out), "--extra", str(tiny_set / "de_net.pth"),
+            "--extra", str(tiny_set / "rcod_s_mem.pkl"), "--grouping", str(scan)]
+    assert main(args) == 0
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "paper Eq. 5: n=3, k=250, M_L in [0.55, 0.85]" in info and "stores no rule" not in info
+    rule = load_checkpoint(out).spec.grouping
+    assert rule == GroupingRule.paper(0.55, 0.85)
+    pipe = load_pipeline(out, base=tiny_set / "base-sd-turbo", clip=tiny_set / "clip-vision")
+    pipe.model.estimate_metric = lambda lr, state=None: torch.tensor([0.5, 0.7, 0.8])  # edges 0.65 / 0.75
+    ts = pipe.run(torch.rand(3, 3, 16, 16), realism="adaptive").timesteps.tolist()
+    assert ts == [750, 500, 250]  # the release's thresholds would give 499 / 249 / 249
+    assert main(["convert", str(tiny_set / "rcod_s.pkl"), str(tmp_path / "x.safetensors"), "--grouping", "{bad"]) == 2
+    assert "--grouping" in capsys.readouterr().err

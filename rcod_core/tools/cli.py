@@ -123,6 +123,30 @@ def _process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def parse_grouping(value: str):
+    """``--grouping``: ``official``, ``official:4``, a GroupingRule as JSON, or a ``rcod-train scan-metric``
+    file (→ Eq. 5 with its M_L bounds, n = 3)."""
+    import json
+
+    from ..grouping import GroupingRule
+
+    if value in ("official", "official:3", "official:4"):
+        return GroupingRule.official(int(value.partition(":")[2] or 3))
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--grouping {value!r}: not 'official', a JSON rule or a readable file ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"--grouping {value!r}: not valid JSON") from None
+    if isinstance(data, dict) and "kind" not in data and "m_min" in data and "m_max" in data:  # a scan-metric file
+        return GroupingRule.paper(float(data["m_min"]), float(data["m_max"]))
+    return GroupingRule.from_dict(data)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import json
 
@@ -134,7 +158,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if dst.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {dst.name!r}")
     metadata = {k: v for k, v in (("base", args.base), ("clip", args.clip)) if v}
-    ckpt = convert(args.input, dst, tuple(args.extra or ()), metadata)
+    grouping = parse_grouping(args.grouping) if args.grouping else None
+    ckpt = convert(args.input, dst, tuple(args.extra or ()), metadata, grouping)
     print(json.dumps({"written": str(dst), **describe(ckpt)}, indent=2))
     return 0
 
@@ -213,6 +238,8 @@ def make_parser() -> argparse.ArgumentParser:
     conv.add_argument("--extra", action="append", metavar="FILE", help="MEM file or de_net.pth to include (repeatable)")
     conv.add_argument("--base", help="record this base model path in the file's metadata")
     conv.add_argument("--clip", help="record this CLIP vision path in the file's metadata")
+    conv.add_argument("--grouping", metavar="RULE", help="the LDG rule to store: official, official:4, a JSON rule, or a "
+                      "`rcod-train scan-metric --out` file (Eq. 5 with its M_L bounds); default: the file's own")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=cmd_convert)
 
