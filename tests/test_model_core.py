@@ -189,3 +189,28 @@ def test_library_never_imports_its_tools_or_fixtures():
     library = [m for m in graph if not m.startswith(("rcod_core.tools", "rcod_core.testing")) and m != "rcod_core.cli"]
     bad = {m: sorted(d for d in graph[m] if d.startswith(("rcod_core.tools", "rcod_core.testing"))) for m in library}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_scan_metric_measures_what_training_groups_by(tmp_path, monkeypatch, capsys):
+    """``scan-metric --out`` writes Eq. 5's M_L bounds of exactly the values the training loop groups
+    the same samples by (same LR synthesis, latent draws and frozen VAE); a config names the file."""
+    import trainer.engine as engine
+    from test_trainer import _cli, _write
+    from trainer import config as C
+    from trainer.models import grouping_rule
+
+    cfg = _config(tmp_path, "rcod_o", train={"max_steps": 2, "batch_size": 2}, checkpoint={"every": 0})
+    path = _write(tmp_path, cfg)
+    out = tmp_path / "scan" / "metric_scan.json"
+    assert _cli(["scan-metric", "--config", path, "--samples", "4", "--batch", "2", "--out", out]) == 0
+    scan = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == scan and scan["samples"] == 4
+    seen = []
+    real = engine.measure_metric
+    monkeypatch.setattr(engine, "measure_metric", lambda *a: seen.append(real(*a)) or seen[-1])
+    engine.train(C.build(cfg), log_stdout=False)
+    trained = torch.cat(seen)
+    assert trained.numel() == 4
+    assert (scan["m_min"], scan["m_max"]) == (float(trained.double().min()), float(trained.double().max()))
+    rule = grouping_rule(C.build({**cfg, "grouping": {"rule": "paper", "bounds": str(out)}}))
+    assert (rule.kind, rule.m_min, rule.m_max) == ("paper", scan["m_min"], scan["m_max"])
