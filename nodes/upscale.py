@@ -6,6 +6,8 @@ from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, rea
                      ui_values, x0_value)
 from .stages import RESAMPLERS
 
+from rcod_core.release import PROCESSINGS
+
 TILING = ("auto", "none", "custom")
 COLOR_FIX = ("none", "adain", "wavelet")
 
@@ -41,15 +43,26 @@ class RCODUpscale:
                 "mask": ("MASK", {"tooltip": "Spatial realism map: 0 → mask_t0, 1 → the preset's t."}),
                 "mask_t0": ("INT", {"default": 250, "min": 1, "max": 999, "step": 1,
                                     "tooltip": "t where the mask is 0 (used only with a MASK)."}),
+                "processing": (list(PROCESSINGS), {"default": "ours", "tooltip":
+                               "ours: this extension's processing. release: the authors' inference scripts exactly "
+                               "(their resize rules, 8-bit steps, colour-fix order, sampled latent with the seed, "
+                               "250/500/750 run as 249/499/749); integer scale, no tiling or mask."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "tooltip":
+                         "Seeds the latent sample of processing=release (its only random draw)."}),
             },
         }
 
     def upscale(self, rcod_model, image, scale=4.0, preset="Neutral", t=500, x0_mode="model default", tiling="auto",
-                tile_size=64, tile_overlap=16, color_fix="none", mask=None, mask_t0=250):
+                tile_size=64, tile_overlap=16, color_fix="none", mask=None, mask_t0=250, processing="ours", seed=0):
         pbar = Progress(1)
         with node_errors("RCOD Upscale"):
             realism = realism_value(preset, t)
             kwargs = {"mask": mask, "mask_timesteps": (int(mask_t0), realism)} if mask is not None else {}
+            if processing == "release":
+                import torch
+
+                kwargs.update(processing="release", generator=torch.Generator().manual_seed(int(seed)))
+                tiling = "none"
             out = rcod_model.run(to_bchw(image), realism=realism, scale=scale, x0_mode=x0_value(x0_mode),
                                  tile=int(tile_size) if tiling == "custom" else tiling, tile_overlap=int(tile_overlap),
                                  color_fix=color_fix, progress=pbar, cancel=pbar.cancel, **kwargs)

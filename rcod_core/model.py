@@ -18,8 +18,9 @@ M_L measured with the frozen base VAE).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -132,6 +133,25 @@ class RCODModel(nn.Module):
         # pad so that the latent survives every UNet downsampling exactly (64 px for SD)
         self.size_multiple = self.latent_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
+    #: while :meth:`recording` runs: the last value of each intermediate (float32, CPU)
+    recorder: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict]:
+        """Record the forward's intermediates while the block runs: ``clip_hidden`` (CLIP's
+        ``last_hidden_state``, VPIM models), ``tokens``, ``z_l``, ``eps``, ``x0``. Each holds the
+        last call's value (a tiled stage: its last tile)."""
+        self.recorder = {}
+        try:
+            yield self.recorder
+        finally:
+            self.recorder = None
+
+    def _record(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if self.recorder is not None:
+            self.recorder[name] = value.detach().float().cpu()
+        return value
+
     # -- placement -----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -196,13 +216,14 @@ class RCODModel(nn.Module):
     def encode(self, images: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """``z_L``: images in [0, 1] whose sides are multiples of the latent factor → scaled fp32 latents."""
-        return encode_latent(self.vae, images, latent, generator, noise)
+        return self._record("z_l", encode_latent(self.vae, images, latent, generator, noise))
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Cross-attention tokens for (B, 3, H, W) images in [0, 1]: VPIM, or the fixed embeddings."""
         if self.prompt_encoder is None:
-            return self.prompt_embeds.expand(images.shape[0], -1, -1)
-        return self.prompt_encoder(images.to(self.device))
+            return self._record("tokens", self.prompt_embeds.expand(images.shape[0], -1, -1))
+        hidden = self._record("clip_hidden", self.prompt_encoder.hidden_states(images.to(self.device)))
+        return self._record("tokens", self.prompt_encoder.projection(hidden))
 
     def alpha_bar(self, timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
         """The ᾱ of the x0 conversion per sample (float64): ᾱ_t, the release's fixed ᾱ, or ᾱ_999."""
@@ -211,13 +232,13 @@ class RCODModel(nn.Module):
     def eps(self, z_l: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``ε_θ(z_L; t, c)``: one UNet pass at ``timesteps`` (B,)."""
         device, dtype = self.device, self.dtype
-        return self.unet(z_l.to(device, dtype), timesteps.to(device), encoder_hidden_states=tokens.to(device, dtype),
-                         return_dict=False)[0]
+        return self._record("eps", self.unet(z_l.to(device, dtype), timesteps.to(device),
+                                             encoder_hidden_states=tokens.to(device, dtype), return_dict=False)[0])
 
     def x0(self, z_l: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
            x0_mode: X0Mode | None = None) -> torch.Tensor:
         """Eq. 3/4 in float32: ``(z_L − sqrt(1−ᾱ) ε) / sqrt(ᾱ)``."""
-        return x0_from_eps(z_l.float(), eps.float(), self.alpha_bar(timesteps, x0_mode))
+        return self._record("x0", x0_from_eps(z_l.float(), eps.float(), self.alpha_bar(timesteps, x0_mode)))
 
     def denoise(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
                 x0_mode: X0Mode | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .imageops import Resampler, output_size, pad_to_multiple, resize, to_unit_r
 from .memory import TilePlan, choose_tile
 from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
 from .progress import CancelFn, Progress, ProgressFn
+from .release import PROCESSINGS, Processing, release_input, release_output, release_timestep, to_uint8_round, uint8_to_float
 from .realism import blend_levels, feathered_mask_t_map, gaussian_blur, level_weights, metric_map, prepare_map
 from .schedule import X0Mode, check_timestep
 from .spec import ModelSpec
@@ -240,9 +241,13 @@ class RCODPipeline:
         color_fix: ColorFix = "none",
         progress: ProgressFn = None,
         cancel: CancelFn = None,
+        noise: torch.Tensor | None = None,
     ) -> "Prepared":
         """Everything before the UNet, once per batch: validation, conditioning, upscale, VPIM
-        tokens, VAE encode (tiled per the plan). Sweeps and realism maps reuse it for every t."""
+        tokens, VAE encode (tiled per the plan). Sweeps and realism maps reuse it for every t.
+
+        ``noise``: the latent draw ε of ``z_L = mean + std · ε`` itself, shape (B, C, H/f, W/f) of the
+        padded image (overrides ``latent`` and ``generator``)."""
         validate_images(images)
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
@@ -259,20 +264,22 @@ class RCODPipeline:
         plan = self.plan_tiles(padded.shape[-2], padded.shape[-1], tile, tile_overlap, max_memory)
         tracker.check()
         if plan is not None and plan.vae_encode_tile_px is not None:
-            z_l = self._encode_tiled(padded, plan, state, latent, generator, tracker)
+            z_l = self._encode_tiled(padded, plan, state, latent, generator, tracker, noise)
         else:
-            z_l = self.encode(padded, latent, generator)
+            z_l = self.model.encode(padded, latent, generator, noise)
             tracker.step()
         return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix)
 
-    def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Progress) -> torch.Tensor:
+    def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Progress,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
         latents = []
         for i in range(padded.shape[0]):
             self.select_sample(state, i)
             x = padded[i : i + 1].to(self.device, self.vae_dtype) * 2.0 - 1.0
             mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
                                      progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
-            latents.append(posterior_latent(self.vae, mean, std, latent, generator))
+            latents.append(self.model._record("z_l", posterior_latent(
+                self.vae, mean, std, latent, generator, None if noise is None else noise[i : i + 1])))
         self.select_sample(state, None)
         return torch.cat(latents)
 
@@ -325,7 +332,7 @@ class RCODPipeline:
         size: tuple[int, int] | None = None,
         x0_mode: X0Mode | None = None,
         resampler: Resampler = "bicubic",
-        latent: LatentMode = "mode",
+        latent: LatentMode | None = None,
         generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None,
         mask_timesteps: tuple[Realism, Realism] = ("fidelity", "realism"),
@@ -337,6 +344,8 @@ class RCODPipeline:
         color_fix: ColorFix = "none",
         progress: ProgressFn = None,
         cancel: CancelFn = None,
+        noise: torch.Tensor | None = None,
+        processing: Processing = "ours",
     ) -> StageOutput:
         """Upscale a batch. Returns the images (B, 3, H', W') in [0, 1] and the timesteps used.
 
@@ -347,12 +356,58 @@ class RCODPipeline:
         ``tile`` ("none" | "auto" | latent px), ``tile_overlap``, ``max_memory`` (bytes, for "auto"):
         bounded-memory tiling of all stages. ``color_fix``: "none" | "adain" | "wavelet" towards
         the upscaled LR. ``progress(done, total)`` after every stage/tile; ``cancel()`` between them
-        (raises :class:`~rcod_core.tiling.Cancelled`; the model stays usable).
+        (raises :class:`~rcod_core.progress.Cancelled`; the model stays usable).
+
+        ``latent``: ``"mode"`` (default) or ``"sample"`` (seeded by ``generator``: the only random draw,
+        ε of the latent's shape in one ``torch.randn`` call per batch); ``noise``: that ε given.
+        ``processing="release"``: the authors' scripts' size rules, resamplers, 8-bit steps, colour-fix
+        order and timestep mapping (:mod:`rcod_core.release`; latent ``"sample"`` by default there).
         """
-        prepared = self.prepare(images, scale, size, resampler, latent, generator, tile, tile_overlap, max_memory,
-                                color_fix, progress, cancel)
+        if processing not in PROCESSINGS:
+            raise ValueError(f"processing must be one of {PROCESSINGS}, got {processing!r}")
+        if processing == "release":
+            unsupported = {"size": size, "mask": mask, "t_map": t_map}
+            bad = [k for k, v in unsupported.items() if v is not None] + (["tile"] if tile not in (None, "none") else [])
+            if bad:
+                raise ValueError(f"processing='release' runs the release's scripts, which have no {', '.join(bad)}")
+            return self._run_release(images, realism, 4 if scale is None else scale, x0_mode,
+                                     latent or "sample", generator, noise, color_fix, progress, cancel)
+        prepared = self.prepare(images, scale, size, resampler, latent or "mode", generator, tile, tile_overlap,
+                                max_memory, color_fix, progress, cancel, noise)
         step = self.denoise_prepared(prepared, realism, x0_mode, mask, mask_timesteps, t_map, levels)
         return StageOutput(self.finish(prepared, step.latents), step.timesteps, step.metric, step.t_map)
+
+    @torch.no_grad()
+    def _run_release(self, images, realism, scale, x0_mode, latent, generator, noise, color_fix, progress, cancel):
+        """:meth:`run` with ``processing="release"`` (see :mod:`rcod_core.release`)."""
+        validate_images(images)
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if isinstance(scale, bool) or float(scale) != int(scale) or not 1 <= int(scale) <= 8:
+            raise ValueError(f"processing='release' takes an integer scale in [1, 8] (the release's --upscale), got {scale!r}")
+        key = realism.strip().lower() if isinstance(realism, str) else None
+        if key == "auto-map":
+            raise ValueError("processing='release' has no realism map; use 'adaptive', a preset or t")
+        tracker = Progress(progress, cancel, total=3)
+        tracker.check()
+        lr = uint8_to_float(to_uint8_round(images.cpu())).to(self.device)
+        rin = release_input(images, self.spec.base, int(scale))
+        x = rin.model_input.to(self.device)
+        state = self.model.condition(lr)  # RCOD_S: DEResNet on the original LR
+        tokens = self.model.tokens(x)
+        z_l = self.model.encode(x, latent, generator, noise)
+        tracker.advance()
+        tracker.check()
+        metric = self.model.estimate_metric(lr, state) if key == "adaptive" else None
+        timesteps = self.resolve_timesteps(realism, x.shape[0], metric)
+        if key != "adaptive":
+            timesteps = torch.tensor([release_timestep(t) for t in timesteps.tolist()], dtype=torch.int64)
+        z_h = self.model.denoise(z_l, tokens, timesteps, x0_mode)
+        tracker.advance()
+        tracker.check()
+        out8 = release_output(self.model.decode(z_h), rin, color_fix)
+        tracker.advance()
+        return StageOutput(uint8_to_float(out8).to(self.device), timesteps, metric)
 
     @torch.no_grad()
     def denoise_prepared(

@@ -75,20 +75,27 @@ class VisualPromptEncoder(nn.Module):
     def _param_dtype(self) -> torch.dtype:
         return self.projection.weight.dtype
 
-    def tokens_from_clip_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Already-preprocessed CLIP input (B, 3, S, S) → projected tokens (B, N, D)."""
+    def hidden_states_from_clip_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Already-preprocessed CLIP input (B, 3, S, S) → ``last_hidden_state`` (B, N, hidden)."""
         pixel_values = pixel_values.to(self.projection.weight.device, self._param_dtype())
         frozen = not any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # RCOD trains the projection only
-            hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        return self.projection(hidden)
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
-    def forward(self, images: torch.Tensor, preprocess: PreprocessMode | None = None) -> torch.Tensor:
-        """(B, 3, H, W) images in [0, 1] → VPIM tokens (B, N, cross_attention_dim)."""
+    def tokens_from_clip_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Already-preprocessed CLIP input (B, 3, S, S) → projected tokens (B, N, D)."""
+        return self.projection(self.hidden_states_from_clip_input(pixel_values))
+
+    def hidden_states(self, images: torch.Tensor, preprocess: PreprocessMode | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] → CLIP's ``last_hidden_state`` (before the projection)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"VPIM images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         pixel_values = preprocess_for_clip(images.float(), preprocess or self.preprocess_mode, self.image_size)
-        return self.tokens_from_clip_input(pixel_values)
+        return self.hidden_states_from_clip_input(pixel_values)
+
+    def forward(self, images: torch.Tensor, preprocess: PreprocessMode | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] → VPIM tokens (B, N, cross_attention_dim)."""
+        return self.projection(self.hidden_states(images, preprocess))
 
     def _weights_version(self) -> tuple:
         # In-place updates (load_state_dict, optimiser steps) bump ``_version``; new tensors change the pointer.

@@ -194,6 +194,19 @@ def test_upscale_is_rcod_core_run(ext, rcod_o, lr, monkeypatch):
     torch.testing.assert_close(image, expected)
 
 
+def test_upscale_release_processing_is_rcod_core_release(ext, rcod_o, lr):
+    lr8 = (lr * 255).round() / 255  # an 8-bit image, as a file gives
+    out = node(ext, "RCODUpscale").upscale(rcod_o, lr8, 2.0, "Custom", 750, color_fix="adain",
+                                           processing="release", seed=11)
+    image, t = out["result"]
+    assert t == 749  # the release's mapping of 750
+    expected = rcod_o.run(lr8.permute(0, 3, 1, 2), realism=750, scale=2, processing="release", color_fix="adain",
+                          generator=torch.Generator().manual_seed(11)).images.permute(0, 2, 3, 1)
+    assert torch.equal(image, expected) and torch.equal(image * 255, (image * 255).round())  # 8-bit values
+    with pytest.raises(ValueError, match="RCOD Upscale: .*integer scale"):
+        node(ext, "RCODUpscale").upscale(rcod_o, lr8, 2.5, "Custom", 750, processing="release")
+
+
 def test_stages_equal_upscale(ext, rcod_o, lr):
     (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
     assert latent["samples"].ndim == 4 and latent["samples"].shape[0] == 2

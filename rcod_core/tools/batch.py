@@ -45,6 +45,19 @@ def upscale_image(pipe: RCODPipeline, image: LoadedImage, alpha_resampler: str =
     return out, result
 
 
+def write_intermediates(folder: Path, stem: str, record: dict) -> list[Path]:
+    """Each recorded intermediate as ``<folder>/<stem>_<name>.npy`` (float32); returns the files."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, value in sorted(record.items()):
+        path = folder / f"{stem}_{name}.npy"
+        np.save(path, value.numpy().astype(np.float32))
+        written.append(path)
+    return written
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     """Files, folders (their images, sorted) and globs → a de-duplicated list of files."""
     found: list[Path] = []
@@ -88,10 +101,16 @@ def upscale_files(
     overwrite: bool = False,
     seed: int = 0,
     on_result: Optional[Callable[[FileResult], None]] = None,
+    dump_dir: Optional[Path] = None,
     **run_kwargs,
 ) -> list[FileResult]:
     """Upscale each file into ``out_dir``. A file that fails is reported and skipped; an existing
-    output is skipped unless ``overwrite``; an output that would replace its input is refused."""
+    output is skipped unless ``overwrite``; an output that would replace its input is refused.
+
+    Each file gets a fresh ``torch.Generator(pipe.device).manual_seed(seed)`` (the latent draw).
+    ``dump_dir``: the model's intermediates per file as ``<output stem>_<name>.npy`` (float32):
+    ``clip_hidden`` (B, N, hidden; VPIM models), ``tokens`` (B, N, D), ``z_l``, ``eps``, ``x0``
+    (B, C, h, w; scaled latents)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -104,7 +123,12 @@ def upscale_files(
                 res = FileResult(src, dst, "skipped", f"{dst} exists (use --overwrite)")
             else:
                 generator = torch.Generator(device=pipe.device).manual_seed(seed)
-                image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                if dump_dir is None:
+                    image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                else:
+                    with pipe.model.recording() as record:
+                        image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                    write_intermediates(Path(dump_dir), dst.stem, record)
                 save_image(dst, image, overwrite=overwrite)
                 metric = result.metric
                 res = FileResult(src, dst, "written", "", result.timesteps.tolist(),

@@ -56,7 +56,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     from ..loader import load_pipeline
 
     return load_pipeline(args.model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
-                         dtype=dtype, prompt=args.prompt)
+                         dtype=dtype, prompt=args.prompt, merge=not args.no_merge)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -64,6 +64,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     from .batch import expand_inputs, shard, upscale_files
 
+    untiled = args.dump or args.processing == "release"
+    if args.tile is None:
+        args.tile = "none" if untiled else "auto"
+    if args.dump and args.tile != "none":
+        raise ValueError("--dump records one untiled pass per image: use it with --tile none")
+    if args.processing == "release" and (args.size or args.tile != "none" or args.scale != int(args.scale)):
+        raise ValueError("--processing release runs the release's scripts: an integer --scale, no --size, --tile none")
     state = _process_state()
     device = resolve_device(args.device) if state is None or args.device != "auto" else state.device
     dtype = resolve_dtype(args.dtype, device)
@@ -96,7 +103,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         pipe, mine, Path(args.output), fmt=args.format, overwrite=args.overwrite, seed=args.seed, on_result=report,
         realism=_parse_realism(args.realism), scale=None if args.size else args.scale, size=args.size,
         x0_mode=args.x0_mode, tile=args.tile, tile_overlap=args.tile_overlap, max_memory=args.max_memory,
-        color_fix=color, resampler=args.resampler,
+        color_fix=color, resampler=args.resampler, latent=args.latent, processing=args.processing,
+        dump_dir=Path(args.dump) if args.dump else None,
     )
     bar.close()
     counts = {k: sum(r.status == k for r in results) for k in ("written", "skipped", "failed")}
@@ -211,8 +219,8 @@ def make_parser() -> argparse.ArgumentParser:
     scale = up.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float, default=4.0, help="upscale factor in [1, 8] (default 4)")
     scale.add_argument("--size", type=_parse_size, help="target size WIDTHxHEIGHT instead of --scale")
-    up.add_argument("--tile", type=_parse_tile, default="auto",
-                    help="auto (fit --max-memory / free memory; untiled when it fits) | none | latent tile size")
+    up.add_argument("--tile", type=_parse_tile, default=None,
+                    help="auto (default; none with --processing release or --dump: fit --max-memory / free memory, untiled when it fits) | none | latent tile size")
     up.add_argument("--tile-overlap", type=int, default=32, help="tile overlap in latent pixels (default 32)")
     up.add_argument("--max-memory", type=_parse_bytes, default=None, help="memory budget for --tile auto, e.g. 6GB")
     up.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default=None,
@@ -225,7 +233,17 @@ def make_parser() -> argparse.ArgumentParser:
                     help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--seed", type=int, default=0,
+                    help="seeds the latent draw of --latent sample, afresh for every file (the only random draw)")
+    up.add_argument("--latent", choices=["mode", "sample"], default=None,
+                    help="VAE posterior mode (default) or a seeded sample (the release's latent_dist.sample(); "
+                         "the default of --processing release)")
+    up.add_argument("--processing", "--preprocess", dest="processing", choices=["ours", "release"], default="ours",
+                    help="release: the authors' inference scripts' size rules, PIL resamplers, 8-bit truncation, "
+                         "colour-fix order and 250/500/750 -> 249/499/749 (see docs/REPRODUCE.md)")
+    up.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (peft layers), as the release runs")
+    up.add_argument("--dump", metavar="DIR", help="write each image's intermediates (CLIP hidden state, tokens, "
+                                                  "z_L, eps, x0) to DIR as .npy (with --tile none)")
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     up.add_argument("--tiny-smoke", action="store_true",
