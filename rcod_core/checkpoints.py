@@ -219,8 +219,40 @@ def check_lora(state: TensorDict, groups: Mapping[str, list[str]], rank: int, wh
         raise CheckpointError(f"{path}: {what} holds LoRA weights for modules not in its module lists, e.g. {extra[:2]}")
 
 
+#: the weight groups a model of each kind needs (parts such as de_net.pth and MEM come as extras)
+_S3_GROUPS = ("unet", "vae", *sorted(set(S3DIFF_MLP_GROUPS.values())), *sorted(set(EMBEDDING_GROUPS.values())), "fourier")
+REQUIRED_GROUPS: dict[str, tuple[str, ...]] = {
+    "osediff": ("unet", "vae"), "rcod_o": ("unet", "vae", "projection"),
+    "s3diff": _S3_GROUPS, "rcod_s": (*_S3_GROUPS, "projection"),
+}
+
+
+def validate_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    """Every group the kind needs is there; every tensor is floating point and finite — or a
+    :class:`CheckpointError` naming the file and the group or tensor."""
+    path = checkpoint.path or "<memory>"
+    if checkpoint.source_format not in ("rcod_s_mem", "de_net"):
+        missing = [g for g in REQUIRED_GROUPS[checkpoint.spec.kind] if g not in checkpoint.groups]
+        if missing:
+            raise CheckpointError(f"{path}: a {checkpoint.spec.kind} model needs the weight group(s) {missing}, "
+                                  f"which the file lacks (an incomplete or hand-made file?)")
+    for group, tensors in checkpoint.groups.items():
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{path}: {group}.{name} is a {type(tensor).__name__}, not a tensor")
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{path}: tensor {group}.{name} has dtype {tensor.dtype}; weights must be floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{path}: tensor {group}.{name} holds NaN or Inf values (a damaged or diverged file)")
+    return checkpoint
+
+
 def canonicalize(obj: Mapping, fmt: str, path: str = "<memory>", metadata: Mapping[str, str] | None = None) -> Checkpoint:
-    """Official or our layout → :class:`Checkpoint` with validated spec and groups."""
+    """Official or our layout → :class:`Checkpoint` with validated spec, groups and tensors."""
+    return validate_checkpoint(_canonicalize(obj, fmt, path, metadata))
+
+
+def _canonicalize(obj: Mapping, fmt: str, path: str, metadata: Mapping[str, str] | None) -> Checkpoint:
     if fmt == FORMAT_NAME:
         return _from_ours(obj, metadata or {}, path)
     if fmt in ("osediff", "rcod_o"):

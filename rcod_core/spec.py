@@ -49,6 +49,23 @@ class ModelSpec:
         self.validate()
 
     def validate(self) -> None:
+        for name in ("rank_unet", "rank_vae", "version"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelSpec.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
+            raise ValueError(f"ModelSpec.lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.fixed_alpha_bar is not None and (not isinstance(self.fixed_alpha_bar, (int, float))
+                                                 or isinstance(self.fixed_alpha_bar, bool)):
+            raise ValueError(f"ModelSpec.fixed_alpha_bar must be a number or null, got {self.fixed_alpha_bar!r}")
+        for name in ("unet_lora_groups", "vae_lora_groups"):
+            groups = getattr(self, name)
+            if not isinstance(groups, dict) or not all(
+                    isinstance(k, str) and isinstance(v, list) and all(isinstance(m, str) for m in v) for k, v in groups.items()):
+                raise ValueError(f"ModelSpec.{name} must map adapter names to lists of module names, "
+                                 f"got {type(groups).__name__}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"ModelSpec.extra must be a mapping, got {type(self.extra).__name__}")
         if isinstance(self.grouping, dict):
             self.grouping = GroupingRule.from_dict(self.grouping)
         if not isinstance(self.grouping, GroupingRule):

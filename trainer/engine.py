@@ -37,6 +37,7 @@ from .losses import build_discriminator, build_lpips, gan_loss, vsd_loss
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 # stream salts: one independent random stream per purpose and sample
 SALT_DEGRADE, SALT_LATENT, SALT_VSD, SALT_REG, SALT_VAL = 3, 4, 5, 6, 7
 
@@ -163,6 +164,21 @@ def vae_warmup(cfg: dict, dataset, log: Callable) -> Callable:
 
 # -- checkpoints ----------------------------------------------------------------------------------------
 
+def read_json(path: Path, fields: dict) -> dict:
+    """A small JSON state file with the given ``{field: type}``; ``TrainError`` naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TrainError(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"{path}: expected a JSON object")
+    for name, kind in fields.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise TrainError(f"{path}: field {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return data
+
+
 def resolve_resume(path: str | os.PathLike) -> Path:
     """A checkpoint folder (with trainer_state.json), or a run folder whose latest.json names one."""
     p = Path(path)
@@ -171,7 +187,10 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     if (p / STATE_FILE).is_file():
         return p
     if (p / LATEST_FILE).is_file():
-        target = p / json.loads((p / LATEST_FILE).read_text())["checkpoint"]
+        latest = read_json(p / LATEST_FILE, {"checkpoint": str})
+        target = p / latest["checkpoint"]
+        if not target.resolve().is_relative_to(p.resolve()):
+            raise TrainError(f"{p / LATEST_FILE} names {latest['checkpoint']!r}, outside the run folder")
         if not (target / STATE_FILE).is_file():
             raise TrainError(f"{p / LATEST_FILE} names {target}, which is not a complete checkpoint")
         return target
@@ -315,7 +334,7 @@ class Trainer:
         self.ema = None
         if cfg["train"]["ema"]["enabled"]:
             self.ema = EMA(self.gen_params, cfg["train"]["ema"]["decay"])
-            acc.register_for_checkpointing(self.ema)
+            # saved and read by our hooks as safetensors (accelerate's custom checkpoints are pickles)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
 
@@ -355,17 +374,28 @@ class Trainer:
             state = {n: p.detach().contiguous().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
             save_file(state, os.path.join(output_dir, f"trainable_{i}.safetensors"))
         weights.clear()
+        if self.ema is not None:
+            self.ema.save(os.path.join(output_dir, EMA_FILE))
 
     def _load_hook(self, models, input_dir):
-        from safetensors.torch import load_file
+        from .models import read_tensors
 
-        for i, model in enumerate(list(models)):
-            unwrapped = self.accelerator.unwrap_model(model)
-            state = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
-            params = dict(unwrapped.named_parameters())
-            with torch.no_grad():
-                for n, v in state.items():
-                    params[n].copy_(v)
+        pickles = sorted(p.name for p in Path(input_dir).glob("custom_checkpoint_*.pkl"))
+        if pickles:
+            raise TrainError(f"{input_dir}: holds {pickles[0]}, a pickle that resuming would have to run; "
+                             f"this trainer writes its EMA as {EMA_FILE} and refuses pickled state")
+        try:
+            for i, model in enumerate(list(models)):
+                unwrapped = self.accelerator.unwrap_model(model)
+                params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+                state = read_tensors(os.path.join(input_dir, f"trainable_{i}.safetensors"), params, "trainable weights")
+                with torch.no_grad():
+                    for n, v in state.items():
+                        params[n].copy_(v)
+            if self.ema is not None:
+                self.ema.load(os.path.join(input_dir, EMA_FILE))
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         models.clear()
 
     # per-sample random draws
@@ -590,7 +620,13 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         step = micro = 0
         if self.resume_dir is not None:
-            state = json.loads((self.resume_dir / STATE_FILE).read_text())
+            state = read_json(self.resume_dir / STATE_FILE, {"model": str, "step": int, "micro_batches": int,
+                                                              "num_processes": int, "config": dict})
+            if not isinstance(state["config"].get("train", {}).get("batch_size"), int):
+                raise TrainError(f"{self.resume_dir / STATE_FILE}: no config.train.batch_size")
+            if state["step"] < 0 or state["micro_batches"] < state["step"]:
+                raise TrainError(f"{self.resume_dir / STATE_FILE}: step {state['step']} and micro_batches "
+                                 f"{state['micro_batches']} do not fit together")
             if state["model"] != cfg["model"]:
                 raise TrainError(f"{self.resume_dir}: a {state['model']} checkpoint cannot resume a {cfg['model']} run")
             if state["num_processes"] * state["config"]["train"]["batch_size"] != acc.num_processes * cfg["train"]["batch_size"]:

@@ -285,10 +285,54 @@ class EMA:
             p.copy_(s)
             s.copy_(tmp)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+    def save(self, path: str | os.PathLike) -> None:
+        """The shadow weights as safetensors (``shadow.<i>``), the decay in the metadata: tensors only,
+        so resuming never unpickles anything."""
+        from safetensors.torch import save_file
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
+        save_file({f"shadow.{i}": s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)}, os.fspath(path),
+                  metadata={"decay": repr(self.decay)})
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read :meth:`save`'s file, checking names, shapes and finiteness (``ValueError`` naming the file)."""
+        from safetensors import safe_open
+
+        state = read_tensors(path, {f"shadow.{i}": s for i, s in enumerate(self.shadow)}, "EMA weights")
+        with safe_open(os.fspath(path), "pt") as f:
+            decay = (f.metadata() or {}).get("decay")
+        try:
+            decay = float(decay)
+        except (TypeError, ValueError):
+            raise ValueError(f"{os.fspath(path)}: EMA weights without a numeric decay in the metadata") from None
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"{os.fspath(path)}: EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        with torch.no_grad():
+            for i, s in enumerate(self.shadow):
+                s.copy_(state[f"shadow.{i}"])
+
+
+def read_tensors(path: str | os.PathLike, expected: dict, what: str) -> dict:
+    """A safetensors file that must hold exactly ``expected``'s names, with their shapes, floating
+    and finite; ``ValueError`` naming the file and the tensor otherwise (truncated, empty, garbage)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} missing (an incomplete checkpoint folder?)")
+    try:
+        state = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for truncated / garbage files
+        raise ValueError(f"{path}: {what} unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path}: {what} do not fit this run: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, ref in expected.items():
+        v = state[name]
+        if tuple(v.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: {what} tensor {name!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
+        if not v.is_floating_point():
+            raise ValueError(f"{path}: {what} tensor {name!r} has dtype {v.dtype}, expected floating point")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{path}: {what} tensor {name!r} holds NaN or Inf")
+    return state

@@ -36,7 +36,8 @@ SPEC = {
                     ["preset", "t", "x0_mode", "mask_t0"], [("latent", "LATENT"), ("t", "INT")]),
     "RCODDecode": ([("rcod_model", "RCOD_MODEL"), ("latent", "LATENT")], [], [("IMAGE", "IMAGE")]),
     "RCODUpscale": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE"), ("mask", "MASK")],
-                    ["scale", "preset", "t", "x0_mode", "tiling", "tile_size", "tile_overlap", "color_fix", "mask_t0"],
+                    ["scale", "preset", "t", "x0_mode", "tiling", "tile_size", "tile_overlap", "color_fix", "mask_t0",
+                     "processing", "seed"],
                     [("image", "IMAGE"), ("t", "INT")]),
     "RCODRealismSweep": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")],
                          ["timesteps", "scale", "x0_mode", "resampler"], [("IMAGE", "IMAGE")]),
@@ -60,7 +61,7 @@ def upscale(model, image, preset="Neutral", t=500, scale=4.0, tiling="auto", til
         links["mask"] = mask
     return ("RCODUpscale", dict(scale=scale, preset=preset, t=t, x0_mode="model default", tiling=tiling,
                                 tile_size=tile_size, tile_overlap=tile_overlap, color_fix=color_fix,
-                                mask_t0=mask_t0), links)
+                                mask_t0=mask_t0, processing="ours", seed=0), links)
 
 
 def denoise(model, latent, preset="Neutral", t=500, mask=None, prompt=None, mask_t0=250):
