@@ -6,10 +6,12 @@ official layout, converts both to our .safetensors, then times: reading + recogn
 each file (``load_checkpoint``), and assembling the model on random base weights (inject LoRA,
 load, merge for RCOD_O). Prints a table.
 
-    python benchmarks/bench_loading.py --out /tmp/rcod-load
+    python benchmarks/bench_loading.py --out rcod-load
 """
 
 import argparse
+import os
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ def timed(fn):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="/tmp/rcod-load")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "rcod-load"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

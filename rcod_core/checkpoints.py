@@ -3,7 +3,7 @@
 Official formats (torch pickles, always read with ``torch.load(weights_only=True)``):
 
 =============  =====================================================================================
-format         top-level keys (see RCOD-notes and the releases' ``save_model``)
+format         top-level keys (as the releases' ``save_model`` writes them)
 =============  =====================================================================================
 ``osediff``    vae_lora_encoder_modules, unet_lora_{encoder,decoder,others}_modules, rank_unet,
                rank_vae, state_dict_unet, state_dict_vae                                  (8 keys)
@@ -111,7 +111,7 @@ def read_file(path: PathLike) -> tuple[dict, dict[str, str]]:
     """Read a checkpoint file without executing code. Returns (object, safetensors metadata)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} {_what_instead(p)}")
     kind = sniff(p)
     try:
         if kind == "safetensors":
@@ -136,7 +136,24 @@ def read_file(path: PathLike) -> tuple[dict, dict[str, str]]:
         raise CheckpointError(f"{p}: cannot read the file (truncated or corrupt?): {_first_line(exc)}") from exc
     except Exception as exc:  # safetensors raises its own error type
         raise CheckpointError(f"{p}: cannot read the file: {type(exc).__name__}: {_first_line(exc)}") from exc
-    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a torch file; first bytes {_hex(p)})")
+    hint = "" if p.is_symlink() else f"; first bytes {_hex(p)}"  # never show bytes of a link's target
+    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a torch file{hint})")
+
+
+def _what_instead(p: Path) -> str:
+    """Why a path is not a checkpoint file, in words (never the bytes of a link's target)."""
+    import stat
+
+    if p.is_symlink() and not p.exists():
+        return "is a symbolic link to a missing file"
+    if not p.exists():
+        return "does not exist"
+    if p.is_dir():
+        return "is a folder, not a checkpoint file"
+    mode = p.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a checkpoint file"
+    return "is not a regular file (a device or socket?)"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -370,14 +387,30 @@ def save_checkpoint(checkpoint: Checkpoint, path: PathLike, extra_metadata: Mapp
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     tensors = {k: v.detach().contiguous() for k, v in checkpoint.tensors().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # the usual permissions (the writer may create 0600)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from None
+    except Exception as exc:  # safetensors reports write errors with its own type
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({_first_line(exc)})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def merge_checkpoints(main: Checkpoint, *parts: Checkpoint) -> Checkpoint:

@@ -11,9 +11,19 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU) or a torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise ValueError("--device meta: a meta tensor holds no data, nothing can be computed there")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

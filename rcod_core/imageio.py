@@ -29,6 +29,9 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: suffix → Pillow format name
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+#: the most pixels an input may declare (Pillow's decompression-bomb warning limit, ≈ 9459²); checked
+#: from the header, before anything is decoded
+MAX_INPUT_PIXELS = 89_478_485
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
 
@@ -89,13 +92,15 @@ def _is_tiff(path: PathLike) -> bool:
         return f.read(4) in (b"II*\x00", b"MM\x00*")
 
 
-def _read_tiff16(path: PathLike) -> Optional[LoadedImage]:
-    """A 16-bit TIFF via tifffile (first page, orientation and ICC applied); None if not 16-bit."""
+def _read_tiff_wide(path: PathLike) -> Optional[LoadedImage]:
+    """A 16-bit integer or a floating-point TIFF via tifffile (first page, orientation and ICC
+    applied); None for the 8-bit ones Pillow reads. Float samples must be finite and in [0, 1]."""
     import tifffile
 
     with tifffile.TiffFile(os.fspath(path)) as tif:
         page = tif.pages[0]
-        if page.bitspersample != 16:
+        is_float = page.dtype is not None and np.dtype(page.dtype).kind == "f"
+        if page.bitspersample != 16 and not is_float:
             return None
         arr = page.asarray()
         icc = page.iccprofile or None
@@ -103,9 +108,47 @@ def _read_tiff16(path: PathLike) -> Optional[LoadedImage]:
         orientation = int(tag.value) if tag is not None else 1
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.ndim != 3 or arr.dtype != np.uint16 or arr.shape[-1] > 4:
-        raise ValueError(f"unsupported 16-bit TIFF layout {arr.shape} {arr.dtype}")
+    if arr.ndim != 3 or arr.shape[-1] > 4 or not (arr.dtype == np.uint16 or arr.dtype.kind == "f"):
+        raise ValueError(f"unsupported TIFF layout {arr.shape} {arr.dtype}")
+    if arr.dtype.kind == "f":
+        return _from_array(apply_orientation(_checked_float(arr), orientation), 1.0, 16, icc)
     return _from_array(apply_orientation(arr, orientation), 65535.0, 16, icc)
+
+
+def _checked_float(arr: np.ndarray) -> np.ndarray:
+    """Floating-point pixels as they are, if finite and in [0, 1] (never silently clipped or zeroed)."""
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{int((~np.isfinite(arr)).sum())} pixel values are NaN or Inf")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"floating-point pixel values must lie in [0, 1], these span [{lo:.4g}, {hi:.4g}]")
+    return arr
+
+
+def declared_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding; ``ValueError`` (naming the file)
+    when it declares more than :data:`MAX_INPUT_PIXELS` — a decompression bomb is never allocated."""
+    from PIL import Image
+
+    if _is_tiff(path):
+        import tifffile
+
+        with tifffile.TiffFile(os.fspath(path)) as tif:
+            page = tif.pages[0]
+            w, h = int(page.imagewidth), int(page.imagelength)
+    else:
+        with Image.open(path) as im:
+            w, h = im.size
+    if w * h > MAX_INPUT_PIXELS:
+        raise ValueError(f"it declares {w}x{h} = {w * h:,} pixels, more than the {MAX_INPUT_PIXELS:,} this reads "
+                         f"(a decompression bomb, or split the image first)")
+    return w, h
+
+
+def _icc_colour_space(icc: Optional[bytes]) -> Optional[bytes]:
+    """The data colour-space signature of an ICC profile (bytes 16-20: b'RGB ', b'GRAY', b'CMYK', …)."""
+    return icc[16:20] if icc and len(icc) >= 20 else None
 
 
 def _from_array(arr: np.ndarray, scale: float, bit_depth: int, icc: Optional[bytes]) -> LoadedImage:
@@ -118,13 +161,29 @@ def _from_array(arr: np.ndarray, scale: float, bit_depth: int, icc: Optional[byt
     return LoadedImage(color.contiguous(), alpha, grayscale, bit_depth, icc)
 
 
+def _cmyk_to_rgb(im, icc: Optional[bytes]):
+    """A CMYK image → RGB: through its embedded profile to sRGB when it has one, else Pillow's formula."""
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            return ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                             ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: fall back to the plain conversion below
+            pass
+    return im.convert("RGB")
+
+
 def load_image(path: PathLike) -> LoadedImage:
     """Read an image file; raises ``ValueError`` naming the file when it cannot be decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
+        declared_size(path)
         if _is_tiff(path):
-            wide_tiff = _read_tiff16(path)
+            wide_tiff = _read_tiff_wide(path)
             if wide_tiff is not None:
                 return wide_tiff
         with Image.open(path) as im:
@@ -144,11 +203,20 @@ def load_image(path: PathLike) -> LoadedImage:
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float32)[..., None]
                 return _from_array(arr, 65535.0, 16, icc)
+            if mode == "F":  # 32-bit float grey: the values as they are, in [0, 1]
+                return _from_array(_checked_float(np.asarray(im, dtype=np.float32))[..., None], 1.0, 16, icc)
+            if mode == "CMYK":  # to sRGB through the file's own profile (a CMYK profile cannot tag RGB output)
+                im = _cmyk_to_rgb(im, icc)
+                icc = None
             grayscale = mode in ("L", "LA", "1")
             has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info)
             target = ("LA" if has_alpha else "L") if grayscale else ("RGBA" if has_alpha else "RGB")
             arr = np.asarray(im.convert(target))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, KeyError, struct.error) as exc:
+            want = b"GRAY" if grayscale else b"RGB "
+            if _icc_colour_space(icc) not in (None, want):
+                icc = None  # a profile of another colour space would mis-tag the output
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, KeyError, struct.error,
+            Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {exc}") from exc
     except Exception as exc:  # pypng / tifffile raise their own error types on corrupt data
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc
@@ -201,6 +269,36 @@ def _write_tiff16(tmp: str, arr: np.ndarray, icc: Optional[bytes]) -> None:
     tifffile.imwrite(tmp, arr[..., 0] if c == 1 else arr, **kwargs)
 
 
+#: hidden temporary files of :func:`save_image`: ``.rcod-tmp-<pid>-<random><suffix>``
+TEMP_PREFIX = ".rcod-tmp-"
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[Path]:
+    """Delete the temporary files that killed runs left in ``folder`` (their process is gone); the
+    files of live writers — other processes of a sharded run — stay. Returns what was removed."""
+    removed = []
+    for f in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        pid = f.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> Path:
     """Write atomically (temporary file in the same folder, then rename). Refuses to overwrite
     unless asked. The format comes from the suffix (:data:`SAVE_FORMATS`); ``bit_depth=16`` is
@@ -226,7 +324,7 @@ def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> P
     icc = image.icc_profile or None
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         if sixteen and fmt == "PNG" and arr.shape[-1] != 1:
@@ -244,6 +342,11 @@ def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> P
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 Resampler = Literal["bicubic", "bilinear", "nearest", "area"]
 RESAMPLERS: tuple[str, ...] = ("bicubic", "bilinear", "nearest", "area")
 MAX_SCALE = 8.0
+#: the largest output (H · W) the pipeline makes: 2^30 px ≈ 32768², a 12 GB float32 RGB buffer
+MAX_OUTPUT_PIXELS = 2**30
 
 
 def validate_images(images: torch.Tensor, name: str = "images", channels: int = 3) -> None:
@@ -42,11 +44,17 @@ def output_size(height: int, width: int, scale: float | None = None, size: tuple
         h, w = (int(v) for v in size)
         if h < 1 or w < 1:
             raise ValueError(f"size must be positive (H, W), got {size!r}")
-        return h, w
+        return _bounded(h, w, "size")
     scale = 4.0 if scale is None else float(scale)
     if not (1.0 <= scale <= MAX_SCALE):
         raise ValueError(f"scale must be in [1, {MAX_SCALE:g}], got {scale!r}")
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return _bounded(max(1, round(height * scale)), max(1, round(width * scale)), "scale")
+
+
+def _bounded(h: int, w: int, what: str) -> tuple[int, int]:
+    if h * w > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"{what} gives a {w}x{h} output ({h * w:,} px), more than the {MAX_OUTPUT_PIXELS:,} px limit")
+    return h, w
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], resampler: Resampler = "bicubic") -> torch.Tensor:

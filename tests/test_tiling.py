@@ -127,8 +127,8 @@ def _seam_ratio(img, cols):
 
 @pytest.fixture(scope="module")
 def decoded(vae):
-    # 48² latent (384² px), tile 24, overlap 8: starts 0, 16, 24 → 9 tiles (the 64² case
-    # measured alike, see the report; 48² keeps this file fast)
+    # 48² latent (384² px), tile 24, overlap 8: starts 0, 16, 24 → 9 tiles (a 64² latent behaves
+    # alike; 48² keeps this file fast)
     z = _latent(48)
     with torch.no_grad():
         ref = vae.decode(z).sample

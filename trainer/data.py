@@ -56,19 +56,28 @@ def image_size(path: Path) -> tuple[int, int]:
     """(width, height) after checking the whole file decodes; :class:`DataError` otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    from rcod_core.imageio import declared_size
+
     try:
+        declared_size(path)  # before anything is decoded: no decompression bomb is allocated
         with Image.open(path) as im:
             size = im.size
             im.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"unreadable image {os.fspath(path)!r}: {exc}") from exc
     return size
 
 
 def load_image(path: Path) -> np.ndarray:
-    """HWC uint8 RGB (grey and RGBA are converted)."""
+    """HWC uint8 RGB (grey and RGBA are converted); the declared size is checked first."""
     from PIL import Image
 
+    from rcod_core.imageio import declared_size
+
+    try:
+        declared_size(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable image {os.fspath(path)!r}: {exc}") from exc
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 

@@ -252,9 +252,23 @@ class Trainer:
     _log_file = None
     _tb = None
 
-    def _open_logs(self) -> None:
+    def _open_logs(self, resumed_step: Optional[int] = None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.out / "log.jsonl", "a", encoding="utf-8")
+        path = self.out / "log.jsonl"
+        if resumed_step is not None and path.is_file():  # drop what a killed run logged after its checkpoint
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by the kill
+                step = record.get("step") if isinstance(record, dict) else None
+                if not isinstance(step, int) or step <= resumed_step:
+                    kept.append(line)
+            tmp = path.with_name(".log.jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._log_file = open(path, "a", encoding="utf-8")
         for record in self._pending_logs:
             self._log_file.write(json.dumps(record) + "\n")
         self._pending_logs.clear()
@@ -636,7 +650,7 @@ class Trainer:
             acc.load_state(os.fspath(self.resume_dir))
             step, micro = int(state["step"]), int(state["micro_batches"])
         if acc.is_main_process:
-            self._open_logs()
+            self._open_logs(step if self.resume_dir is not None else None)
             if cfg["model"] != "mem":
                 if self.bundle.source is None:
                     self.base_path, self.clip_path = write_base_copy(self.out, self.bundle, self.spec)

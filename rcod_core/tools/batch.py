@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, save_image
+from ..imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, remove_stale_temp_files, save_image
 from ..imageops import resize
 from ..pipeline import RCODPipeline, StageOutput
 
@@ -45,6 +45,25 @@ def upscale_image(pipe: RCODPipeline, image: LoadedImage, alpha_resampler: str =
     return out, result
 
 
+#: the latent tile of the one retry after CUDA runs out of memory
+OOM_RETRY_TILE = 64
+
+
+def _upscale_retrying(pipe: RCODPipeline, image: LoadedImage, seed: int, run_kwargs: dict):
+    """:func:`upscale_image` with a fresh seeded generator; on CUDA out-of-memory, once more tiled."""
+    def attempt(**override):
+        generator = torch.Generator(device=pipe.device).manual_seed(seed)
+        return upscale_image(pipe, image, generator=generator, **{**run_kwargs, **override})
+
+    try:
+        return attempt()
+    except torch.cuda.OutOfMemoryError:
+        if run_kwargs.get("processing") == "release" or run_kwargs.get("tile") not in (None, "none", "auto"):
+            raise
+        torch.cuda.empty_cache()
+        return attempt(tile=OOM_RETRY_TILE, tile_overlap=min(int(run_kwargs.get("tile_overlap", 32)), OOM_RETRY_TILE // 2))
+
+
 def write_intermediates(folder: Path, stem: str, record: dict) -> list[Path]:
     """Each recorded intermediate as ``<folder>/<stem>_<name>.npy`` (float32); returns the files."""
     import numpy as np
@@ -67,8 +86,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
             raise ValueError(f"input {item!r} matches no file")
         for m in matches:
             p = Path(m)
-            if p.is_dir():
-                found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()))
+            if p.is_dir():  # hidden files (e.g. temporary files of a killed run) are not inputs
+                found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()
+                                    and not q.name.startswith(".")))
             elif p.exists():
                 found.append(p)
             else:
@@ -84,6 +104,29 @@ def output_path(out_dir: Path, source: Path, fmt: str = "png") -> Path:
     if suffix not in SAVE_FORMATS:
         suffix = ".png"
     return out_dir / f"{source.stem}_rcod{suffix}"
+
+
+def plan_outputs(files: Sequence[Path], out_dir: Path, fmt: str = "png") -> list[Path]:
+    """One output path per input, never two alike: inputs whose ``<stem>_rcod.<ext>`` would collide
+    (``photo.png`` and ``photo.jpg``) get their own extension in the name (``photo_png_rcod.png``)."""
+    plain = [output_path(out_dir, Path(f), fmt) for f in files]
+    counts: dict[Path, int] = {}
+    for dst in plain:
+        counts[dst] = counts.get(dst, 0) + 1
+    planned = []
+    for src, dst in zip(files, plain):
+        if counts[dst] > 1:
+            src = Path(src)
+            tag = src.suffix.lstrip(".").lower() or "noext"
+            dst = dst.with_name(f"{src.stem}_{tag}_rcod{dst.suffix}")
+        planned.append(dst)
+    return planned
+
+
+def is_earlier_output(src: Path, out_dir: Path) -> bool:
+    """An ``*_rcod.*`` file in the output folder itself: what an earlier run wrote, not an input."""
+    src = Path(src)
+    return src.parent.resolve() == Path(out_dir).resolve() and src.stem.endswith("_rcod")
 
 
 def shard(files: Sequence[Path], index: int, count: int) -> list[Path]:
@@ -102,6 +145,7 @@ def upscale_files(
     seed: int = 0,
     on_result: Optional[Callable[[FileResult], None]] = None,
     dump_dir: Optional[Path] = None,
+    outputs: Optional[Sequence[Path]] = None,
     **run_kwargs,
 ) -> list[FileResult]:
     """Upscale each file into ``out_dir``. A file that fails is reported and skipped; an existing
@@ -110,31 +154,42 @@ def upscale_files(
     Each file gets a fresh ``torch.Generator(pipe.device).manual_seed(seed)`` (the latent draw).
     ``dump_dir``: the model's intermediates per file as ``<output stem>_<name>.npy`` (float32):
     ``clip_hidden`` (B, N, hidden; VPIM models), ``tokens`` (B, N, D), ``z_l``, ``eps``, ``x0``
-    (B, C, h, w; scaled latents)."""
+    (B, C, h, w; scaled latents). ``outputs``: the output path of each file (default:
+    :func:`plan_outputs`; a sharded run plans over all files first, so no two processes collide).
+    Any per-file failure (unreadable file, out of memory, a model error) is reported and the batch
+    goes on; on CUDA out-of-memory the file is retried once tiled."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    files = list(files)
     results = []
-    for src in files:
-        dst = output_path(out_dir, src, fmt)
+    outputs = list(outputs) if outputs is not None else plan_outputs(files, out_dir, fmt)
+    if len(outputs) != len(files):
+        raise ValueError(f"{len(outputs)} output paths for {len(files)} files")
+    for src, dst in zip(files, outputs):
         try:
             if dst.resolve() == Path(src).resolve():
                 raise ValueError("the output would overwrite the input")
-            if dst.exists() and not overwrite:
+            if is_earlier_output(src, out_dir):
+                res = FileResult(src, None, "skipped", "an output of an earlier run in the output folder")
+            elif dst.exists() and not overwrite:
                 res = FileResult(src, dst, "skipped", f"{dst} exists (use --overwrite)")
             else:
-                generator = torch.Generator(device=pipe.device).manual_seed(seed)
+                loaded = load_image(src)
                 if dump_dir is None:
-                    image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                    image, result = _upscale_retrying(pipe, loaded, seed, run_kwargs)
                 else:
                     with pipe.model.recording() as record:
-                        image, result = upscale_image(pipe, load_image(src), generator=generator, **run_kwargs)
+                        image, result = _upscale_retrying(pipe, loaded, seed, run_kwargs)
                     write_intermediates(Path(dump_dir), dst.stem, record)
                 save_image(dst, image, overwrite=overwrite)
                 metric = result.metric
                 res = FileResult(src, dst, "written", "", result.timesteps.tolist(),
                                  float(metric.float().mean()) if metric is not None else None)
-        except (ValueError, OSError) as exc:
-            res = FileResult(src, None, "failed", str(exc))
+        except (ValueError, OSError, RuntimeError, MemoryError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            res = FileResult(src, None, "failed", first if isinstance(exc, (ValueError, OSError)) else
+                             f"{type(exc).__name__}: {first}")
         results.append(res)
         if on_result is not None:
             on_result(res)

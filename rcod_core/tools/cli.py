@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,11 +20,16 @@ def _parse_realism(value: str):
 
 
 def _parse_size(value: str) -> tuple[int, int]:
+    from ..imageops import MAX_OUTPUT_PIXELS
+
     try:
         w, h = value.lower().split("x")
-        return int(h), int(w)
+        h, w = int(h), int(w)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size must look like WIDTHxHEIGHT, e.g. 1024x768, got {value!r}")
+    if h < 1 or w < 1 or h * w > MAX_OUTPUT_PIXELS:
+        raise argparse.ArgumentTypeError(f"--size {value}: must be positive and at most {MAX_OUTPUT_PIXELS:,} px in all")
+    return h, w
 
 
 def _parse_tile(value: str):
@@ -39,9 +45,22 @@ def _parse_bytes(value: str) -> int:
     v = value.strip().lower()
     number = v.rstrip("kmgb")
     try:
-        return int(float(number) * units[v[len(number):]])
+        amount = float(number) * units[v[len(number):]]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"--max-memory must look like 6GB or 512MB, got {value!r}")
+    if not math.isfinite(amount) or amount < 2 ** 20:
+        raise argparse.ArgumentTypeError(f"--max-memory must be a finite budget of at least 1MB, got {value!r}")
+    return int(amount)
+
+
+def _parse_seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {value!r}")
+    if not 0 <= seed < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2^64), got {value}")
+    return seed
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -59,11 +78,32 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                          dtype=dtype, prompt=args.prompt, merge=not args.no_merge)
 
 
+def check_upscale_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be wrong, before a model is loaded (one line each)."""
+    from ..grouping import resolve_realism
+    from ..imageops import MAX_SCALE
+
+    resolve_device(args.device)
+    if not args.size and not 1.0 <= args.scale <= MAX_SCALE:
+        raise ValueError(f"--scale must be in [1, {MAX_SCALE:g}], got {args.scale:g}")
+    realism = _parse_realism(args.realism)
+    if not (isinstance(realism, str) and realism.strip().lower() in ("adaptive", "auto-map")):
+        resolve_realism(realism)
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"-o {args.output}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"-o {args.output}: the output folder is not writable")
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import expand_inputs, shard, upscale_files
+    from .batch import expand_inputs, plan_outputs, shard, upscale_files
 
+    check_upscale_args(args)
     untiled = args.dump or args.processing == "release"
     if args.tile is None:
         args.tile = "none" if untiled else "auto"
@@ -79,7 +119,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         print("no input images found", file=sys.stderr)
         return 1
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    mine = shard(files, index, count)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"-o {args.output}: exists and is not a folder")
+    planned = list(zip(files, plan_outputs(files, out_dir, args.format)))  # over all files: no two shards collide
+    mine_planned = shard(planned, index, count)
+    mine = [f for f, _ in mine_planned]
     pipe = build_pipeline(args, device, dtype)
     if args.compile != "none":
         pipe.compile(mode=None if args.compile == "default" else args.compile)
@@ -100,7 +145,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             tqdm.write(f"{who}FAILED {res.source}: {res.message}", file=sys.stderr)
 
     results = upscale_files(
-        pipe, mine, Path(args.output), fmt=args.format, overwrite=args.overwrite, seed=args.seed, on_result=report,
+        pipe, mine, out_dir, fmt=args.format, outputs=[o for _, o in mine_planned], overwrite=args.overwrite, seed=args.seed, on_result=report,
         realism=_parse_realism(args.realism), scale=None if args.size else args.scale, size=args.size,
         x0_mode=args.x0_mode, tile=args.tile, tile_overlap=args.tile_overlap, max_memory=args.max_memory,
         color_fix=color, resampler=args.resampler, latent=args.latent, processing=args.processing,
@@ -215,7 +260,7 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--realism", default="neutral",
                     help="fidelity | neutral | realism | adaptive (MEM) | an integer t in [1, 999]")
     up.add_argument("--x0-mode", choices=["official", "paper", "base"], default=None,
-                    help="x0 conversion (default: the model's own, see RCOD-notes)")
+                    help="x0 conversion (default: the model's own; official = the release's fixed alpha-bar, paper = alpha-bar_t, base = t 999)")
     scale = up.add_mutually_exclusive_group()
     scale.add_argument("--scale", type=float, default=4.0, help="upscale factor in [1, 8] (default 4)")
     scale.add_argument("--size", type=_parse_size, help="target size WIDTHxHEIGHT instead of --scale")
@@ -233,7 +278,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    up.add_argument("--seed", type=int, default=0,
+    up.add_argument("--seed", type=_parse_seed, default=0,
                     help="seeds the latent draw of --latent sample, afresh for every file (the only random draw)")
     up.add_argument("--latent", choices=["mode", "sample"], default=None,
                     help="VAE posterior mode (default) or a seeded sample (the release's latent_dist.sample(); "
