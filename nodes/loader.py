@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from .common import CATEGORY, MODEL, model_dirs, model_files, model_management, node_errors, resolve_model
+from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_management, node_errors, resolve_model
 
 AUTO = "auto (from checkpoint)"
 NONE = "none"
@@ -100,8 +100,9 @@ class RCODModelLoader:
             while len(_cache) >= CACHE_SIZE:
                 _cache.popitem(last=False)
             model_management.free_memory(sum(_size(p) for p in (model_path, *extras, base_path, clip_path)), torch_device)
+            roots = [r for kind in ("rcod", "diffusers", "checkpoints", "clip_vision") for r in folders(kind)]
             pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=torch_device,
-                                 dtype=torch_dtype)
+                                 dtype=torch_dtype, metadata_roots=roots)
             model_management.soft_empty_cache()
         _cache[key] = pipe
         log.info("RCOD: loaded %s (%s) on %s, %s", checkpoint, pipe.spec.kind, torch_device, torch_dtype)

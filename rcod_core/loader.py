@@ -261,10 +261,13 @@ def load_pipeline(
     vae_dtype: torch.dtype | None = None,
     merge: bool = True,
     prompt: str = "",
+    metadata_roots: Optional[Sequence[PathLike]] = None,
 ):
     """Any supported checkpoint → a ready :class:`~rcod_core.pipeline.RCODPipeline`.
 
-    ``base`` / ``clip`` may be omitted when the checkpoint's metadata names them. ``extras`` are
+    ``base`` / ``clip`` may be omitted when the checkpoint's metadata names them; with
+    ``metadata_roots`` (e.g. a server's model folders) such a stored path must lie inside one of
+    them, the same containment rule as a user-given model name. ``extras`` are
     the release's separate MEM / DEResNet files (a ``de_net.pth`` beside an S3Diff/RCOD_S pickle is
     picked up automatically). Everything is validated before any model is built.
     """
@@ -278,22 +281,30 @@ def load_pipeline(
             parts.append(load_checkpoint(beside))
     if parts:
         ckpt = merge_checkpoints(ckpt, *parts)
-    base = base or _metadata_path(ckpt, "base")
+    base = base or _metadata_path(ckpt, "base", metadata_roots)
     if not base:
         raise ValueError(f"a base model is needed for {model} ({ckpt.spec.base}): pass base=/--base")
-    clip = clip or _metadata_path(ckpt, "clip")
+    clip = clip or _metadata_path(ckpt, "clip", metadata_roots)
     if ckpt.spec.uses_vpim and not clip:
         raise ValueError(f"a CLIP ViT-L/14 vision model is needed for {model}: pass clip=/--clip")
     return pipeline_from_checkpoint(ckpt, base, clip, device=device, dtype=dtype, vae_dtype=vae_dtype, merge=merge, prompt=prompt)
 
 
-def _metadata_path(ckpt: Checkpoint, key: str) -> Optional[Path]:
-    """A base/CLIP path named in our file's metadata, relative to the checkpoint's folder."""
+def _metadata_path(ckpt: Checkpoint, key: str, roots: Optional[Sequence[PathLike]] = None) -> Optional[Path]:
+    """A base/CLIP path named in our file's metadata, relative to the checkpoint's folder; with
+    ``roots``, refused unless it lies inside one of them (written as stored, ``..`` resolved)."""
     value = ckpt.metadata.get(key)
     if not value:
         return None
     path = Path(value)
-    return path if path.is_absolute() or ckpt.path is None else Path(ckpt.path).parent / path
+    path = path if path.is_absolute() or ckpt.path is None else Path(ckpt.path).parent / path
+    if roots is not None:
+        where = Path(os.path.normpath(os.path.abspath(path)))
+        inside = [r for r in (Path(os.path.abspath(r)) for r in roots) if where == r or r in where.parents]
+        if not inside:
+            raise ValueError(f"{ckpt.path}: its metadata names the {key} model {value!r}, which is outside the "
+                             f"model folders; choose the {key} model in the loader instead")
+    return path
 
 
 def pipeline_from_checkpoint(

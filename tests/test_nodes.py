@@ -329,3 +329,26 @@ def test_workflows_are_up_to_date_and_match_the_nodes(ext):
             known = {k for group in spec.values() for k in group}
             assert set(node_def["inputs"]) <= known, (path.name, node_def)
             assert set(spec["required"]) <= set(node_def["inputs"]), (path.name, node_def)
+
+
+def test_loader_auto_paths_from_a_file_stay_inside_the_model_folders(ext, tmp_path):
+    """A file's stored base/CLIP path passes the same containment check as a chosen name: one into
+    the model folders loads, one outside them is refused naming the key."""
+    import shutil
+
+    from rcod_core.checkpoints import convert
+
+    fp = ext.fakes["folder_paths"]
+    rcod_dir = Path(fp.folder_names_and_paths["rcod"][0][-1])
+    models = rcod_dir.parent
+    convert(rcod_dir / "rcod_o.pkl", rcod_dir / "named.safetensors",
+            metadata={"base": "../diffusers/base-sd21", "clip": "../clip_vision/clip-vision"})
+    loader = node(ext, "RCODModelLoader")
+    auto = "auto (from checkpoint)"
+    assert loader.load("named.safetensors", auto, auto, "fp32", "auto")[0].spec.kind == "rcod_o"
+    outside = tmp_path / "elsewhere-base"
+    shutil.copytree(models / "diffusers" / "base-sd21", outside)
+    convert(rcod_dir / "rcod_o.pkl", rcod_dir / "escape.safetensors",
+            metadata={"base": str(outside), "clip": "../clip_vision/clip-vision"})
+    with pytest.raises(ValueError, match="RCOD Model Loader: .*base model .*outside the model folders"):
+        loader.load("escape.safetensors", auto, auto, "fp32", "auto")
