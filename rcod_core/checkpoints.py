@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .adapters import dedupe, modules_from_state_dict
+from .files import atomic_write
 from .grouping import GroupingRule
 from .spec import ModelSpec
 
@@ -386,31 +387,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: PathLike, extra_metadata: Mapp
     metadata.update({k: str(v) for k, v in (checkpoint.metadata or {}).items() if k not in metadata})
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     tensors = {k: v.detach().contiguous() for k, v in checkpoint.tensors().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # the usual permissions (the writer may create 0600)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from None
     except Exception as exc:  # safetensors reports write errors with its own type
         raise CheckpointError(f"{path}: cannot write the checkpoint ({_first_line(exc)})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def merge_checkpoints(main: Checkpoint, *parts: Checkpoint) -> Checkpoint:

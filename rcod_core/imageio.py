@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -269,36 +270,6 @@ def _write_tiff16(tmp: str, arr: np.ndarray, icc: Optional[bytes]) -> None:
     tifffile.imwrite(tmp, arr[..., 0] if c == 1 else arr, **kwargs)
 
 
-#: hidden temporary files of :func:`save_image`: ``.rcod-tmp-<pid>-<random><suffix>``
-TEMP_PREFIX = ".rcod-tmp-"
-
-
-def remove_stale_temp_files(folder: PathLike) -> list[Path]:
-    """Delete the temporary files that killed runs left in ``folder`` (their process is gone); the
-    files of live writers — other processes of a sharded run — stay. Returns what was removed."""
-    removed = []
-    for f in Path(folder).glob(f"{TEMP_PREFIX}*"):
-        pid = f.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            f.unlink()
-            removed.append(f)
-        except OSError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> Path:
     """Write atomically (temporary file in the same folder, then rename). Refuses to overwrite
     unless asked. The format comes from the suffix (:data:`SAVE_FORMATS`); ``bit_depth=16`` is
@@ -323,10 +294,7 @@ def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> P
     arr = to_uint(channels, 16 if sixteen else 8)
     icc = image.icc_profile or None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         if sixteen and fmt == "PNG" and arr.shape[-1] != 1:
             _write_png16(tmp, arr, icc)
         elif sixteen and fmt == "TIFF":
@@ -339,17 +307,6 @@ def save_image(path: PathLike, image: LoadedImage, overwrite: bool = False) -> P
             elif fmt == "WEBP":
                 kwargs["quality"] = WEBP_QUALITY
             pil.save(tmp, format=fmt, **kwargs)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the bytes are on disk before the name points at them
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return path

@@ -264,7 +264,7 @@ def test_same_stem_inputs_get_distinct_outputs(tmp_path):
 def test_output_folder_equal_to_the_input_folder_and_stale_temp_files(tmp_path, capsys):
     from PIL import Image
 
-    from rcod_core.imageio import TEMP_PREFIX
+    from rcod_core.files import TEMP_PREFIX
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -451,3 +451,24 @@ def test_a_start_checkpoint_missing_a_group_is_a_clear_error(ours, tmp_path, cap
     assert _cli(["train", "--config", _write(tmp_path, cfg), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rcod-train: error:") and "['vae']" in err and "Traceback" not in err
+
+
+def test_cuda_out_of_memory_is_retried_tiled_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from rcod_core.pipeline import RCODPipeline
+
+    src = tmp_path / "a.png"
+    Image.new("RGB", (24, 20), (90, 20, 10)).save(src)
+    run = RCODPipeline.run
+    tiles = []
+
+    def oom_untiled(self, images, **kw):
+        tiles.append(kw.get("tile"))
+        if kw.get("tile") in (None, "none", "auto"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return run(self, images, **kw)
+
+    monkeypatch.setattr(RCODPipeline, "run", oom_untiled)
+    assert _smoke([src, "-o", tmp_path / "out"]) == 0
+    assert tiles == ["none", 64] and (tmp_path / "out" / "a_rcod.png").is_file()

@@ -352,3 +352,23 @@ def test_loader_auto_paths_from_a_file_stay_inside_the_model_folders(ext, tmp_pa
             metadata={"base": str(outside), "clip": "../clip_vision/clip-vision"})
     with pytest.raises(ValueError, match="RCOD Model Loader: .*base model .*outside the model folders"):
         loader.load("escape.safetensors", auto, auto, "fp32", "auto")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loader_node_refuses_a_malicious_pickle(ext, tmp_path):
+    import pickle
+
+    fp = ext.fakes["folder_paths"]
+    rcod_dir = Path(fp.folder_names_and_paths["rcod"][0][-1])
+    marker = tmp_path / "ran"
+    (rcod_dir / "evil.pkl").write_bytes(pickle.dumps({"state_dict_unet": _RunsCode(marker)}))
+    with pytest.raises(ValueError, match="RCOD Model Loader: .*evil.pkl: refused to load"):
+        node(ext, "RCODModelLoader").load("evil.pkl", "diffusers/base-sd21", "clip_vision/clip-vision", "fp32", "auto")
+    assert not marker.exists()

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, remove_stale_temp_files, save_image
+from ..files import remove_stale_temp_files
+from ..imageio import IMAGE_EXTENSIONS, SAVE_FORMATS, LoadedImage, load_image, save_image
 from ..imageops import resize
 from ..pipeline import RCODPipeline, StageOutput
 

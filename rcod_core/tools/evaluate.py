@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from ..files import atomic_write
 from ..imageio import IMAGE_EXTENSIONS, load_image
 from ..imageops import MAX_SCALE, output_size
 
@@ -219,16 +219,7 @@ def _slug(text: str) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def _save_json(path: Path, obj) -> None:
