@@ -65,6 +65,20 @@ def _wavelet(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return (split(target)[0] + split(source)[1]).clamp(0, 1)
 
 
+def _network(m, x, t_in: int, alpha_bar: float, noise_for):
+    """The scripts' network call on x in [-1, 1]: CLIP (Resize 224) → projection; sampled latent;
+    UNet at the mapped t; x0 with the fixed ᾱ; decode, clamped."""
+    clip_in = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    tokens = m.prompt_encoder.projection(m.prompt_encoder.vision_model(pixel_values=clip_in).last_hidden_state)
+    dist = m.vae.encode(x).latent_dist
+    sf = m.vae.config.scaling_factor
+    z = (dist.mean + dist.std * noise_for(dist.mean.shape)) * sf
+    t = torch.tensor([{250: 249, 500: 499, 750: 749}.get(t_in, t_in)])
+    eps = m.unet(z, t, encoder_hidden_states=tokens).sample
+    x0 = (z - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    return m.vae.decode(x0 / sf).sample.clamp(-1, 1), int(t)
+
+
 def _reference_rcod_o(pipe, lr8: np.ndarray, t_in: int, noise_for):
     """inference_rcod_o.py's steps, around the network's own modules."""
     m = pipe.model
@@ -78,21 +92,13 @@ def _reference_rcod_o(pipe, lr8: np.ndarray, t_in: int, noise_for):
     img = img.resize((img.size[0] * 4, img.size[1] * 4))
     img = img.resize((img.width - img.width % 8, img.height - img.height % 8), Image.LANCZOS)
     lq = _u8_tensor(np.array(img)) * 2 - 1
-    clip_in = F.interpolate(lq, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-    tokens = m.prompt_encoder.projection(m.prompt_encoder.vision_model(pixel_values=clip_in).last_hidden_state)
-    dist = m.vae.encode(lq).latent_dist
-    sf = m.vae.config.scaling_factor
-    z = (dist.mean + dist.std * noise_for(dist.mean.shape)) * sf
-    t = torch.tensor([{250: 249, 500: 499, 750: 749}.get(t_in, t_in)])
-    eps = m.unet(z, t, encoder_hidden_states=tokens).sample
-    x0 = (z - math.sqrt(1 - 0.7537) * eps) / math.sqrt(0.7537)
-    out = m.vae.decode(x0 / sf).sample.clamp(-1, 1)
+    out, t = _network(m, lq, t_in, 0.7537, noise_for)
     out8 = _to_u8(out * 0.5 + 0.5)
     out8 = _to_u8(_adain(out8.float() / 255, _u8_tensor(np.array(img))))
     result = Image.fromarray(out8[0].permute(1, 2, 0).numpy())
     if flag:
         result = result.resize((4 * ori_w, 4 * ori_h))
-    return np.array(result), int(t)
+    return np.array(result), t
 
 
 def _reference_rcod_s(pipe, lr8: np.ndarray, t_in: int, noise_for):
@@ -112,19 +118,12 @@ def _reference_rcod_s(pipe, lr8: np.ndarray, t_in: int, noise_for):
         de, blocks = g.de_mlp(emb), g.block_mlp(g.block_embeddings.weight)
         fused = g.fuse_mlp(torch.cat([de.unsqueeze(1).repeat(1, blocks.shape[0], 1), blocks.unsqueeze(0).repeat(1, 1, 1)], -1))
         slot.matrices = fused.reshape(1, blocks.shape[0], g.rank, g.rank)
-    clip_in = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-    tokens = m.prompt_encoder.projection(m.prompt_encoder.vision_model(pixel_values=clip_in).last_hidden_state)
-    dist = m.vae.encode(x).latent_dist
-    sf = m.vae.config.scaling_factor
-    z = (dist.mean + dist.std * noise_for(dist.mean.shape)) * sf
-    t = torch.tensor([{250: 249, 500: 499, 750: 749}.get(t_in, t_in)])
-    eps = m.unet(z, t, encoder_hidden_states=tokens).sample
-    x0 = (z - math.sqrt(1 - 0.6754) * eps) / math.sqrt(0.6754)
-    out = m.vae.decode(x0 / sf).sample.clamp(-1, 1)[:, :, :H, :W]
+    out, t = _network(m, x, t_in, 0.6754, noise_for)
+    out = out[:, :, :H, :W]
     out8 = _to_u8(out * 0.5 + 0.5)
     ref8 = _to_u8(up)
     out8 = _to_u8(_wavelet(out8.float() / 255, ref8.float() / 255))
-    return out8[0].permute(1, 2, 0).numpy(), int(t)
+    return out8[0].permute(1, 2, 0).numpy(), t
 
 
 CASES = {
