@@ -128,7 +128,8 @@ def node_errors(node: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError) as exc:
-        raise ValueError(f"{node}: {exc}") from None
+        text = str(exc)
+        raise ValueError(text if text.startswith(f"{node}:") else f"{node}: {text}") from None
 
 
 def realism_value(preset: str, t: int):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 
@@ -34,6 +36,36 @@ def _path(choice: str, what: str):
     if kind not in ("checkpoints", "diffusers", "clip_vision") or not name:
         raise ValueError(f"{what} {choice!r} must start with checkpoints/, diffusers/ or clip_vision/")
     return resolve_model(kind, name, what)
+
+
+def _named_in_file(model_path: str, key: str) -> Optional[str]:
+    """The base/CLIP path an rcod .safetensors stores (its metadata), without loading its tensors."""
+    if not model_path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(model_path, "pt") as f:
+            return (f.metadata() or {}).get(key) or None
+    except Exception:  # not readable here: the full load reports it properly
+        return None
+
+
+def find_by_name(stored: str, kinds: tuple[str, ...], markers: dict[str, str]) -> Optional[str]:
+    """``auto``: the model a file names, looked up by its file/folder name in ComfyUI's model folders
+    (the stored path itself usually points into the training machine's folders)."""
+    name = Path(stored.replace("\\", "/")).name
+    for kind in kinds:
+        candidates = (model_dirs(kind, markers[kind]) if kind in markers else []) + model_files(kind)
+        for c in candidates:
+            if Path(c).name == name:
+                return resolve_model(kind, c, f"{kind} model")
+    return None
+
+
+def _auto(model_path: str, key: str, kinds: tuple[str, ...], markers: dict[str, str]) -> Optional[str]:
+    stored = _named_in_file(model_path, key)
+    return find_by_name(stored, kinds, markers) if stored else None
 
 
 def _size(path) -> int:
@@ -90,6 +122,10 @@ class RCODModelLoader:
             model_path = resolve_model("rcod", checkpoint, "checkpoint")
             extras = [resolve_model("rcod", mem, "MEM file")] if mem not in (None, "", NONE) else []
             base_path, clip_path = _path(base, "base model"), _path(clip_vision, "CLIP vision model")
+            if base == AUTO:
+                base_path = _auto(model_path, "base", ("diffusers", "checkpoints"), {"diffusers": "model_index.json"})
+            if clip_vision == AUTO:
+                clip_path = _auto(model_path, "clip", ("clip_vision",), {"clip_vision": "config.json"})
             torch_device = model_management.get_torch_device() if device == "auto" else torch.device(device)
             torch_dtype = resolve_dtype(dtype, torch_device)
             key = (_stamp(model_path), *(_stamp(p) for p in extras), _stamp(base_path), _stamp(clip_path),

@@ -1,9 +1,12 @@
 """RCOD Visual Prompt, Encode, One-Step Denoise and Decode: the pipeline's stages as nodes.
 
-The LATENT made by RCOD Encode is ``{"samples": z_L, "rcod": {...}}``: besides the scaled latents it
-keeps what the later stages need (LR images, output size, VPIM tokens, the RCOD_S degradation
-state, the latent's shape). ComfyUI's latent nodes copy extra keys, so shape-preserving latent
-edits (blend, add, noise) keep working; a resized or re-batched latent is refused with a message.
+LATENTs follow ComfyUI's convention: ``samples`` are *raw* VAE latents, as core VAE Encode makes
+them (the scaling factor is applied inside, as a model's ``latent_format`` does), so RCOD Encode →
+core VAE Decode and core VAE Encode → RCOD Denoise/Decode work with the same VAE weights. RCOD
+Encode also puts ``"rcod": {...}`` beside them — the LR images, output size, VPIM tokens, the RCOD_S
+degradation state and the latent's shape; ComfyUI's latent nodes copy extra keys, so
+shape-preserving edits keep it. A LATENT without it (a core one, or one through SaveLatent /
+LoadLatent) gets it rebuilt by Denoise from its optional LR ``image`` (or a ``prompt``).
 """
 
 from __future__ import annotations
@@ -20,26 +23,58 @@ def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def prepared_from_latent(pipe, latent: dict, node: str, progress=None):
-    """Rebuild rcod_core's :class:`Prepared` from a LATENT made by RCOD Encode (or say why not)."""
+def _finite(z: torch.Tensor, node: str) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        raise ValueError(f"{node}: LATENT samples must be a (B, C, h, w) tensor, got {getattr(z, 'shape', type(z).__name__)}")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"{node}: the LATENT holds NaN or Inf values ({int((~torch.isfinite(z)).sum())} of {z.numel()})")
+    return z
+
+
+def prepared_from_latent(pipe, latent: dict, node: str, progress=None, image=None, prompt=None):
+    """rcod_core's :class:`Prepared` from a LATENT: RCOD Encode's side data when it is there and
+    fits, else rebuilt from the LR ``image`` (or VPIM ``prompt`` tokens); otherwise say what is missing."""
+    from rcod_core.imageops import resize, validate_images
+    from rcod_core.model import scale_latent
     from rcod_core.pipeline import Prepared
     from rcod_core.progress import Progress as Tracker
 
-    z = latent["samples"]
-    info = latent.get(LATENT_KEY)
-    if info is None:
-        raise ValueError(f"{node}: this LATENT was not made by RCOD Encode (it has no '{LATENT_KEY}' entry); "
-                         f"encode the image with RCOD Encode")
-    if tuple(z.shape) != tuple(info["shape"]):
-        raise ValueError(f"{node}: the LATENT's samples have shape {tuple(z.shape)}, but RCOD Encode made "
-                         f"{tuple(info['shape'])}; latent nodes that resize or re-batch are not supported here, "
-                         f"resize the IMAGE before RCOD Encode instead")
-    if info["kind"] != pipe.spec.kind:
-        raise ValueError(f"{node}: the LATENT was encoded by a {info['kind']} model, this is a {pipe.spec.kind} model")
+    raw = _finite(latent["samples"], node)
+    channels = int(pipe.vae.config.latent_channels)
+    if raw.shape[1] != channels:
+        raise ValueError(f"{node}: the LATENT has {raw.shape[1]} channels, this model's VAE makes {channels} "
+                         f"(a latent of another model family?)")
     dev = pipe.device
-    state = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in info["state"].items()}
+    z = scale_latent(pipe.vae, raw).to(dev)
     tracker = Tracker(progress, progress.cancel if progress is not None else None)  # progress + interrupts
-    return Prepared(info["lr"].to(dev), tuple(info["size"]), state, info["tokens"].to(dev), z.to(dev), tracker=tracker)
+    info = latent.get(LATENT_KEY)
+    if info is not None and image is None:
+        if tuple(raw.shape) != tuple(info["shape"]):
+            raise ValueError(f"{node}: the LATENT's samples have shape {tuple(raw.shape)}, but RCOD Encode made "
+                             f"{tuple(info['shape'])}; latent nodes that resize or re-batch are not supported here, "
+                             f"resize the IMAGE before RCOD Encode instead (or connect the LR image)")
+        if info["kind"] != pipe.spec.kind:
+            raise ValueError(f"{node}: the LATENT was encoded by a {info['kind']} model, this is a {pipe.spec.kind} model")
+        state = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in info["state"].items()}
+        return Prepared(info["lr"].to(dev), tuple(info["size"]), state, info["tokens"].to(dev), z, tracker=tracker)
+    size = (raw.shape[-2] * pipe.latent_factor, raw.shape[-1] * pipe.latent_factor)
+    batch = raw.shape[0]
+    if image is not None:
+        lr = to_bchw(image).to(dev)
+        validate_images(lr, "image")
+        if lr.shape[0] not in (1, batch):
+            raise ValueError(f"{node}: {lr.shape[0]} LR images for a LATENT batch of {batch}; give 1 or {batch}")
+        lr = lr.expand(batch, -1, -1, -1)
+        state = pipe.condition(lr)
+        tokens = pipe.prompt(resize(lr, size)) if prompt is None else prompt.to(dev)
+        return Prepared(lr, size, state, tokens, z, tracker=tracker)
+    if prompt is not None:
+        if pipe.model.conditioning is not None:
+            raise ValueError(f"{node}: a {pipe.spec.kind} model needs the LR image for its degradation estimate: "
+                             f"connect it to 'image'")
+        return Prepared(None, size, {}, prompt.to(dev), z, tracker=tracker)
+    raise ValueError(f"{node}: this LATENT carries no RCOD data (it is not from RCOD Encode, or went through "
+                     f"SaveLatent/LoadLatent): connect the LR image to 'image' (or an RCOD_PROMPT to 'prompt')")
 
 
 class RCODVisualPrompt:
@@ -88,7 +123,9 @@ class RCODEncode:
             p = rcod_model.prepare(to_bchw(image), scale=scale, resampler=resampler, progress=pbar,
                                     cancel=pbar.cancel)
         pbar(1, 1)
-        z = p.z_l.detach().cpu()
+        from rcod_core.model import unscale_latent
+
+        z = unscale_latent(rcod_model.vae, p.z_l.detach().float()).cpu()  # raw, as core VAE Encode gives
         info = {"kind": rcod_model.spec.kind, "shape": tuple(z.shape), "size": tuple(p.size), "lr": p.images.cpu(),
                 "tokens": p.tokens.detach().cpu(), "state": _cpu(p.state)}
         return ({"samples": z, LATENT_KEY: info},)
@@ -118,22 +155,29 @@ class RCODDenoise:
                 "mask_t0": ("INT", {"default": 250, "min": 1, "max": 999, "step": 1,
                                     "tooltip": "t where the mask is 0 (used only with a MASK)."}),
                 "prompt": (PROMPT, {"tooltip": "VPIM tokens from RCOD Visual Prompt; default: the LR's own."}),
+                "image": ("IMAGE", {"tooltip": "The LR image, for a LATENT not made by RCOD Encode (core VAE Encode "
+                                               "of the upscaled LR, or one through SaveLatent/LoadLatent): conditioning "
+                                               "and tokens are computed from it."}),
             },
         }
 
     def denoise(self, rcod_model, latent, preset="Neutral", t=500, x0_mode="model default", mask=None, mask_t0=250,
-                prompt=None):
+                prompt=None, image=None):
         node = "RCOD One-Step Denoise"
         pbar = Progress(1)
         with node_errors(node):
-            prepared = rcod_model.with_tokens(prepared_from_latent(rcod_model, latent, node, pbar), prompt)
+            prepared = prepared_from_latent(rcod_model, latent, node, pbar, image=image, prompt=prompt)
+            prepared = rcod_model.with_tokens(prepared, prompt)
             realism = realism_value(preset, t)
             step = rcod_model.denoise_prepared(prepared, realism, x0_value(x0_mode), mask=mask,
                                                mask_timesteps=(int(mask_t0), realism))
             z_h, timesteps, metric = step.latents, step.timesteps, step.metric
         pbar(1, 1)
-        out = {**latent, "samples": z_h.detach().cpu()}
-        out[LATENT_KEY] = {**latent[LATENT_KEY], "shape": tuple(out["samples"].shape)}
+        from rcod_core.model import unscale_latent
+
+        out = {**latent, "samples": unscale_latent(rcod_model.vae, z_h.detach().float()).cpu()}
+        if LATENT_KEY in latent:
+            out[LATENT_KEY] = {**latent[LATENT_KEY], "shape": tuple(out["samples"].shape)}
         return {"ui": ui_values(timesteps, metric), "result": (out, int(timesteps.reshape(-1)[-1 if mask is not None else 0]))}
 
 
@@ -148,15 +192,17 @@ class RCODDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "rcod_model": (MODEL, {"tooltip": "From RCOD Model Loader."}),
-            "latent": ("LATENT", {"tooltip": "From RCOD One-Step Denoise (any latent of this VAE decodes; "
-                                             "only RCOD latents are cropped to their output size)."}),
+            "latent": ("LATENT", {"tooltip": "A raw VAE latent of this model's VAE family (RCOD One-Step Denoise, "
+                                             "or core nodes); RCOD latents are cropped to their output size."}),
         }}
 
     def decode(self, rcod_model, latent):
+        from rcod_core.model import scale_latent
+
         with node_errors("RCOD Decode"):
-            z = latent["samples"]
+            z = _finite(latent["samples"], "RCOD Decode")
             info = latent.get(LATENT_KEY)
-            images = rcod_model.decode(z)
+            images = rcod_model.decode(scale_latent(rcod_model.vae, z))
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]
         return (to_bhwc(images),)

@@ -35,6 +35,19 @@ LatentMode = Literal["mode", "sample"]
 LATENT_MODES: tuple[str, ...] = ("mode", "sample")
 
 
+def scale_latent(vae: nn.Module, raw: torch.Tensor) -> torch.Tensor:
+    """A raw VAE latent (what ``vae.encode`` gives; ComfyUI's LATENT ``samples``) → the scaled latent
+    the UNet sees: ``(raw − shift) · scaling_factor``, float32."""
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (raw.float() - shift) * float(vae.config.scaling_factor)
+
+
+def unscale_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`scale_latent`, in ``z``'s dtype: ``z / scaling_factor + shift``."""
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return z / float(vae.config.scaling_factor) + shift
+
+
 def posterior_latent(
     vae: nn.Module,
     mean: torch.Tensor,
@@ -55,8 +68,7 @@ def posterior_latent(
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
                           device=generator.device if generator is not None else None)
         mean = mean + std * eps.to(mean.device)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return (mean.float() - shift) * float(vae.config.scaling_factor)
+    return scale_latent(vae, mean)
 
 
 def encode_latent(
@@ -247,8 +259,7 @@ class RCODModel(nn.Module):
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → what the VAE decoder takes (its device and dtype)."""
-        shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        return z.to(self.device, self.vae_dtype) / float(self.vae.config.scaling_factor) + shift
+        return unscale_latent(self.vae, z.to(self.device, self.vae_dtype))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents → decoder output in [-1, 1] (the VAE's dtype, not clamped)."""

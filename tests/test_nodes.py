@@ -235,11 +235,41 @@ def test_latent_from_other_nodes(ext, rcod_o, lr):
     resized = {**latent, "samples": torch.nn.functional.interpolate(latent["samples"], scale_factor=2)}
     with pytest.raises(ValueError, match="RCOD One-Step Denoise: .*resize the IMAGE before RCOD Encode"):
         node(ext, "RCODDenoise").denoise(rcod_o, resized, "Neutral", 500)
-    with pytest.raises(ValueError, match="not made by RCOD Encode"):
+    with pytest.raises(ValueError, match="^RCOD One-Step Denoise: this LATENT carries no RCOD data.*connect the LR image"):
         node(ext, "RCODDenoise").denoise(rcod_o, {"samples": latent["samples"]}, "Neutral", 500)
     # a plain VAE latent decodes (uncropped): 8x the latent size
     (image,) = node(ext, "RCODDecode").decode(rcod_o, {"samples": latent["samples"]})
     assert image.shape[1:3] == (latent["samples"].shape[2] * 8, latent["samples"].shape[3] * 8)
+
+
+def test_latents_are_raw_vae_latents_as_core_nodes_make_them(ext, rcod_o, lr):
+    """RCOD Encode's samples are what the VAE encoder gives (no scaling factor): core VAE Decode reads
+    them; a core latent (no RCOD data) denoises with the LR image given, as RCOD Encode's does."""
+    from rcod_core.imageops import pad_to_multiple, resize
+
+    lr = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(4))  # x2 = 64²: no padding
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
+    x = resize(lr.permute(0, 3, 1, 2), (64, 64))
+    padded, _ = pad_to_multiple(x, rcod_o.size_multiple)
+    with torch.no_grad():
+        raw = rcod_o.vae.encode(padded * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(latent["samples"], raw, rtol=1e-6, atol=1e-6)  # core VAE Encode's values (float round trip of the scale)
+    assert padded.shape[-2:] == (64, 64)  # no padding here, so a core latent of x is the same latent
+    with_data = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Custom", 600)["result"][0]
+    core = node(ext, "RCODDenoise").denoise(rcod_o, {"samples": raw.clone()}, "Custom", 600, image=lr)["result"][0]
+    torch.testing.assert_close(core["samples"], with_data["samples"], rtol=0, atol=1e-6)
+    (a,) = node(ext, "RCODDecode").decode(rcod_o, with_data)
+    (b,) = node(ext, "RCODDecode").decode(rcod_o, {"samples": core["samples"]})
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # a raw latent decoded by the VAE directly (what core VAE Decode does) equals RCOD Decode
+    with torch.no_grad():
+        direct = ((rcod_o.vae.decode(with_data["samples"]).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(a, direct, rtol=0, atol=1e-5)
+    nan = {"samples": torch.full_like(raw, float("nan"))}
+    with pytest.raises(ValueError, match="^RCOD Decode: the LATENT holds NaN or Inf"):
+        node(ext, "RCODDecode").decode(rcod_o, nan)
+    with pytest.raises(ValueError, match="^RCOD One-Step Denoise: the LATENT holds NaN or Inf"):
+        node(ext, "RCODDenoise").denoise(rcod_o, nan, "Neutral", 500, image=lr)
 
 
 def test_mask_realism_map(ext, rcod_o, lr):
@@ -346,6 +376,9 @@ def test_loader_auto_paths_from_a_file_stay_inside_the_model_folders(ext, tmp_pa
     loader = node(ext, "RCODModelLoader")
     auto = "auto (from checkpoint)"
     assert loader.load("named.safetensors", auto, auto, "fp32", "auto")[0].spec.kind == "rcod_o"
+    # rcod make-tiny's file stores its base and CLIP relative to where it was written ("base-sd-turbo"):
+    # auto finds them by name in ComfyUI's model folders
+    assert loader.load("rcod_s.safetensors", auto, auto, "fp32", "auto")[0].spec.kind == "rcod_s"
     outside = tmp_path / "elsewhere-base"
     shutil.copytree(models / "diffusers" / "base-sd21", outside)
     convert(rcod_dir / "rcod_o.pkl", rcod_dir / "escape.safetensors",
