@@ -25,8 +25,31 @@ def base_choices() -> list[str]:
 
 
 def clip_choices() -> list[str]:
-    return [AUTO, *(f"clip_vision/{n}" for n in model_files("clip_vision")),
-            *(f"clip_vision/{n}" for n in model_dirs("clip_vision", "config.json"))]
+    """Each CLIP model once: a folder (transformers layout), or a file not inside such a folder."""
+    folders_ = model_dirs("clip_vision", "config.json")
+    files = [n for n in model_files("clip_vision") if not any(n.startswith(d + "/") for d in folders_)]
+    return [AUTO, *(f"clip_vision/{n}" for n in files), *(f"clip_vision/{n}" for n in folders_)]
+
+
+def _roles() -> dict[str, str]:
+    from rcod_core.checkpoints import probe_role
+
+    out = {}
+    for name in model_files("rcod"):
+        try:
+            out[name] = probe_role(resolve_model("rcod", name, "checkpoint"))
+        except (ValueError, FileNotFoundError):
+            out[name] = "unknown"
+    return out
+
+
+def checkpoint_choices() -> list[str]:
+    """Loadable checkpoints only: parts (de_net.pth, MEM files) load beside a model, not alone."""
+    return [n for n, role in _roles().items() if role not in ("de_net", "rcod_s_mem")]
+
+
+def mem_choices() -> list[str]:
+    return [NONE, *(n for n, role in _roles().items() if role in ("rcod_s_mem", "unknown"))]
 
 
 def _path(choice: str, what: str):
@@ -94,7 +117,7 @@ class RCODModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "checkpoint": (model_files("rcod"), {"tooltip":
+                "checkpoint": (checkpoint_choices(), {"tooltip":
                                "RCOD / OSEDiff / S3Diff checkpoint in models/rcod (official .pkl or rcod .safetensors). "
                                "A de_net.pth beside an RCOD_S/S3Diff pickle is picked up automatically."}),
                 "base": (base_choices(), {"default": AUTO, "tooltip":
@@ -108,7 +131,7 @@ class RCODModelLoader:
                            "auto: ComfyUI's torch device (model_management.get_torch_device())."}),
             },
             "optional": {
-                "mem": ([NONE, *model_files("rcod")], {"default": NONE, "tooltip":
+                "mem": (mem_choices(), {"default": NONE, "tooltip":
                         "RCOD_S MEM file (metric estimation module) for Adaptive realism, when the checkpoint "
                         "does not contain it (an rcod .safetensors may)."}),
             },

@@ -95,6 +95,9 @@ class RCODVisualPrompt:
 
     def encode(self, rcod_model, image):
         with node_errors("RCOD Visual Prompt"):
+            if rcod_model.prompt_encoder is None:
+                raise ValueError(f"this {rcod_model.spec.kind} model is text-conditioned and has no VPIM: the image would "
+                                 f"be ignored; use an RCOD_O or RCOD_S model")
             return (rcod_model.prompt(to_bchw(image)).detach().cpu(),)
 
 

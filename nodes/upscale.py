@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, realism_value, to_bchw, to_bhwc,
                      ui_values, x0_value)
 from .stages import RESAMPLERS
@@ -59,8 +61,6 @@ class RCODUpscale:
             realism = realism_value(preset, t)
             kwargs = {"mask": mask, "mask_timesteps": (int(mask_t0), realism)} if mask is not None else {}
             if processing == "release":
-                import torch
-
                 kwargs.update(processing="release", generator=torch.Generator().manual_seed(int(seed)))
                 tiling = "none"
             out = rcod_model.run(to_bchw(image), realism=realism, scale=scale, x0_mode=x0_value(x0_mode),
@@ -68,8 +68,14 @@ class RCODUpscale:
                                  color_fix=color_fix, progress=pbar, cancel=pbar.cancel, **kwargs)
         pbar(1, 1)
         t_used = out.timesteps.reshape(-1)
+        result = to_bhwc(out.images)
+        if image.shape[-1] == 4:  # RGBA: the alpha is upscaled classically and kept, as the CLI does
+            from rcod_core.imageops import resize
+
+            alpha = resize(image[..., 3:].permute(0, 3, 1, 2).float(), tuple(result.shape[1:3]), "bicubic")
+            result = torch.cat([result, alpha.permute(0, 2, 3, 1).cpu()], dim=-1)
         return {"ui": ui_values(out.timesteps, out.metric),
-                "result": (to_bhwc(out.images), int(t_used[-1 if mask is not None else 0]))}
+                "result": (result, int(t_used[-1 if mask is not None else 0]))}
 
 
 class RCODRealismSweep:

@@ -108,6 +108,39 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
+#: byte strings whose presence in a torch file's pickle (or our metadata) marks a part, not a model
+_PART_MARKS = {"de_net": (b"conv_first", b"fc_degree"), "rcod_s_mem": (b"state_dict_clip_proj",)}
+
+
+def probe_role(path: PathLike) -> str:
+    """``"model"``, ``"de_net"``, ``"rcod_s_mem"`` or ``"unknown"`` — cheaply, for menus: from our
+    metadata, or by looking for key names in a torch zip's pickle bytes (nothing is unpickled)."""
+    p = Path(path)
+    try:
+        kind = sniff(p)
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                return "model" if (f.metadata() or {}).get("format") == FORMAT_NAME else "unknown"
+        if kind == "zip":
+            with zipfile.ZipFile(p) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None or z.getinfo(name).file_size > 64 * 2**20:
+                    return "unknown"
+                data = z.read(name)
+            if b"state_dict_unet" in data:
+                return "model"
+            for role, marks in _PART_MARKS.items():
+                if all(m in data for m in marks):
+                    return role
+    except (OSError, ValueError, zipfile.BadZipFile, struct.error):
+        return "unknown"
+    except Exception:  # safetensors' own error type on a damaged header
+        return "unknown"
+    return "unknown"
+
+
 def read_file(path: PathLike) -> tuple[dict, dict[str, str]]:
     """Read a checkpoint file without executing code. Returns (object, safetensors metadata)."""
     p = Path(path)

@@ -239,7 +239,12 @@ class RCODModel(nn.Module):
 
     def alpha_bar(self, timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
         """The ᾱ of the x0 conversion per sample (float64): ᾱ_t, the release's fixed ᾱ, or ᾱ_999."""
-        return x0_alpha_bar(timesteps, x0_mode or self.spec.x0_mode, self.alphas_cumprod, self.spec.fixed_alpha_bar)
+        mode = x0_mode or self.spec.x0_mode
+        if mode == "base" and self.spec.fixed_timestep is None:
+            raise ValueError(f"x0 mode 'base' (ᾱ_999) belongs to the one-step bases, which run at t = 999; on a "
+                             f"{self.spec.kind} model at t = {timesteps.reshape(-1)[0].item()} it would scale the "
+                             f"latent by 1/sqrt(ᾱ_999) ≈ 14.6: use 'official' or 'paper'")
+        return x0_alpha_bar(timesteps, mode, self.alphas_cumprod, self.spec.fixed_alpha_bar)
 
     def eps(self, z_l: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``ε_θ(z_L; t, c)``: one UNet pass at ``timesteps`` (B,)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
-from .imageops import Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
+from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
 from .memory import TilePlan, choose_tile
 from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
 from .progress import CancelFn, Progress, ProgressFn
@@ -467,6 +467,11 @@ class RCODPipeline:
         validate_images(hr, "hr")
         if hr.shape[0] != lr.shape[0]:
             raise ValueError(f"hr has {hr.shape[0]} images for {lr.shape[0]} LR images")
+        (h, w), (H, W) = lr.shape[-2:], hr.shape[-2:]
+        sh, sw = H / h, W / w
+        if not (1.0 <= min(sh, sw) and max(sh, sw) <= MAX_SCALE) or abs(sh - sw) * min(h, w) > 1.0:
+            raise ValueError(f"the HR image ({W}x{H}) is not the LR ({w}x{h}) at one scale in [1, {MAX_SCALE:g}] "
+                             f"(×{sw:.3g} wide, ×{sh:.3g} high): give the HR that matches this LR")
         prepared = self.prepare(lr, size=tuple(hr.shape[-2:]))
         z_h = self.encode(pad_to_multiple(hr.to(self.device, torch.float32), self.size_multiple)[0])
         return latent_metric(prepared.z_l, z_h)

@@ -405,3 +405,36 @@ def test_loader_node_refuses_a_malicious_pickle(ext, tmp_path):
     with pytest.raises(ValueError, match="RCOD Model Loader: .*evil.pkl: refused to load"):
         node(ext, "RCODModelLoader").load("evil.pkl", "diffusers/base-sd21", "clip_vision/clip-vision", "fp32", "auto")
     assert not marker.exists()
+
+
+def test_smaller_contract_items(ext, rcod_o, lr):
+    # RGBA keeps its alpha (upscaled classically), as the CLI does
+    rgba = torch.cat([lr, torch.linspace(0, 1, lr.shape[2]).expand(2, lr.shape[1], -1)[..., None]], dim=-1)
+    image, _ = node(ext, "RCODUpscale").upscale(rcod_o, rgba, 2.0, "Custom", 600)["result"]
+    rgb, _ = node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Custom", 600)["result"]
+    assert image.shape == (2, 48, 64, 4) and torch.equal(image[..., :3], rgb)
+    assert image[0, 0, 0, 3] < 0.05 and image[0, 0, -1, 3] > 0.95
+    # the Latent Metric refuses an HR that is not this LR at one scale
+    with pytest.raises(ValueError, match="RCOD Latent Metric: the HR image .* is not the LR"):
+        node(ext, "RCODLatentMetric").measure(rcod_o, lr, torch.rand(2, 40, 40, 3))
+    # x0 mode 'base' on an RCOD model
+    with pytest.raises(ValueError, match="RCOD Upscale: x0 mode 'base'.*14.6"):
+        node(ext, "RCODUpscale").upscale(rcod_o, lr, 2.0, "Custom", 600, x0_mode="base")
+
+
+def test_visual_prompt_refuses_a_text_conditioned_model(ext):
+    osediff = load(ext, "osediff.pkl", clip="auto (from checkpoint)")
+    with pytest.raises(ValueError, match="RCOD Visual Prompt: this osediff model is text-conditioned"):
+        node(ext, "RCODVisualPrompt").encode(osediff, torch.rand(1, 16, 16, 3))
+
+
+def test_loader_lists_loadable_checkpoints_and_each_model_once(ext):
+    spec = ext.NODE_CLASS_MAPPINGS["RCODModelLoader"].INPUT_TYPES()
+    checkpoints = spec["required"]["checkpoint"][0]
+    assert {"rcod_o.pkl", "rcod_s.pkl", "osediff.pkl", "rcod_s.safetensors"} <= set(checkpoints)
+    assert "rcod_s_mem.pkl" not in checkpoints and not any(n.endswith("de_net.pth") for n in checkpoints)
+    mem = spec["optional"]["mem"][0]
+    assert "rcod_s_mem.pkl" in mem and "rcod_o.pkl" not in mem
+    clip = spec["required"]["clip_vision"][0]
+    assert len(clip) == len(set(clip)) and not any(c.startswith("clip_vision/clip-vision/") for c in clip)
+    assert {"clip_vision/clip-vision", "clip_vision/clip-vision.safetensors"} <= set(clip)
