@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from collections import OrderedDict
+import weakref
 from typing import Optional
 
 import torch
@@ -14,8 +14,10 @@ from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_man
 
 AUTO = "auto (from checkpoint)"
 NONE = "none"
-CACHE_SIZE = 2  # e.g. an RCOD_O and an OSEDiff loader in one workflow, without reloading either
-_cache: "OrderedDict[tuple, object]" = OrderedDict()
+#: loaded models by their files, dtype and device — held weakly: ComfyUI's own output cache keeps a
+#: model alive while a workflow uses it, and when ComfyUI drops it (POST /free, cache eviction) the
+#: memory is released instead of being pinned here
+_cache: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 log = logging.getLogger("rcod")
 
 
@@ -100,7 +102,33 @@ def _size(path) -> int:
 
 
 def _stamp(path) -> tuple:
-    return (path, os.path.getmtime(path)) if path else (None, None)
+    """A cache key part that changes when the file, or any file in the folder, changes."""
+    if not path:
+        return (None, None)
+    if os.path.isdir(path):
+        stats = [os.stat(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs]
+        return (path, max((st.st_mtime_ns for st in stats), default=0), sum(st.st_size for st in stats), len(stats))
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+def comfy_dtypes(device: torch.device, choice: str) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """UNet/CLIP and VAE precision. ``auto`` follows ComfyUI's flags and device checks (its
+    ``unet_dtype`` / ``vae_dtype``: --fp32-unet, --bf16-vae, --force-fp16, ...); a chosen dtype is used
+    for the UNet and CLIP while the VAE still follows ComfyUI's VAE flags."""
+    from rcod_core.devices import resolve_dtype
+
+    usable = (torch.float32, torch.float16, torch.bfloat16)
+    unet = None
+    if choice == "auto" and hasattr(model_management, "unet_dtype"):
+        unet = model_management.unet_dtype(device, model_params=900_000_000,
+                                           supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    if unet not in usable:  # a chosen dtype, an fp8 choice (not for RCOD), or an old ComfyUI
+        unet = resolve_dtype(choice if choice != "auto" else "auto", device)
+    vae = None
+    if hasattr(model_management, "vae_dtype"):
+        vae = model_management.vae_dtype(device, allowed_dtypes=[torch.bfloat16, torch.float32])
+    return unet, vae if vae in usable else None
 
 
 class RCODModelLoader:
@@ -126,7 +154,9 @@ class RCODModelLoader:
                 "clip_vision": (clip_choices(), {"default": AUTO, "tooltip":
                                 "CLIP ViT-L/14 vision model for VPIM (RCOD_O, RCOD_S); not used by OSEDiff/S3Diff."}),
                 "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto", "tooltip":
-                          "UNet/CLIP precision. auto: bf16/fp16 on GPU, fp32 on CPU."}),
+                          "UNet/CLIP precision. auto: as ComfyUI chooses for its own models (its flags such as "
+                          "--force-fp16 / --fp32-unet and the device). The VAE follows ComfyUI's VAE flags "
+                          "(--bf16-vae, --fp32-vae, ...)."}),
                 "device": (["auto", "cpu"], {"default": "auto", "tooltip":
                            "auto: ComfyUI's torch device (model_management.get_torch_device())."}),
             },
@@ -138,7 +168,6 @@ class RCODModelLoader:
         }
 
     def load(self, checkpoint, base=AUTO, clip_vision=AUTO, dtype="auto", device="auto", mem=NONE):
-        from rcod_core.devices import resolve_dtype
         from rcod_core.loader import load_pipeline
 
         with node_errors("RCOD Model Loader"):
@@ -150,18 +179,18 @@ class RCODModelLoader:
             if clip_vision == AUTO:
                 clip_path = _auto(model_path, "clip", ("clip_vision",), {"clip_vision": "config.json"})
             torch_device = model_management.get_torch_device() if device == "auto" else torch.device(device)
-            torch_dtype = resolve_dtype(dtype, torch_device)
+            torch_dtype, vae_dtype = comfy_dtypes(torch_device, dtype)
+            beside = os.path.join(os.path.dirname(model_path), "de_net.pth")  # picked up by load_pipeline
             key = (_stamp(model_path), *(_stamp(p) for p in extras), _stamp(base_path), _stamp(clip_path),
-                   str(torch_device), str(torch_dtype))
-            if key in _cache:
-                _cache.move_to_end(key)
-                return (_cache[key],)
-            while len(_cache) >= CACHE_SIZE:
-                _cache.popitem(last=False)
+                   _stamp(beside if os.path.isfile(beside) else None), str(torch_device), str(torch_dtype),
+                   str(vae_dtype))
+            cached = _cache.get(key)
+            if cached is not None:
+                return (cached,)
             model_management.free_memory(sum(_size(p) for p in (model_path, *extras, base_path, clip_path)), torch_device)
             roots = [r for kind in ("rcod", "diffusers", "checkpoints", "clip_vision") for r in folders(kind)]
             pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=torch_device,
-                                 dtype=torch_dtype, metadata_roots=roots)
+                                 dtype=torch_dtype, vae_dtype=vae_dtype, metadata_roots=roots)
             model_management.soft_empty_cache()
         _cache[key] = pipe
         log.info("RCOD: loaded %s (%s) on %s, %s", checkpoint, pipe.spec.kind, torch_device, torch_dtype)

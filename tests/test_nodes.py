@@ -164,6 +164,20 @@ def test_loader_caches_and_uses_model_management(ext, rcod_o):
     assert "free_memory" in names and "soft_empty_cache" in names
 
 
+def test_loader_does_not_pin_models_comfyui_has_dropped(ext):
+    """The loader's cache holds models weakly: once ComfyUI drops its reference (/free clears its
+    output cache), the model is freed; while held, a second load is the same object."""
+    import gc
+    import weakref
+
+    pipe = load(ext, "osediff.pkl", clip="auto (from checkpoint)")
+    assert load(ext, "osediff.pkl", clip="auto (from checkpoint)") is pipe
+    ref = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert ref() is None
+
+
 @pytest.mark.parametrize("name, message", [
     ("../rcod/rcod_o.pkl", "must not contain '..'"),
     ("/etc/passwd", "absolute path"),
@@ -438,3 +452,18 @@ def test_loader_lists_loadable_checkpoints_and_each_model_once(ext):
     clip = spec["required"]["clip_vision"][0]
     assert len(clip) == len(set(clip)) and not any(c.startswith("clip_vision/clip-vision/") for c in clip)
     assert {"clip_vision/clip-vision", "clip_vision/clip-vision.safetensors"} <= set(clip)
+
+
+def test_loader_precision_follows_comfyui(ext, monkeypatch):
+    mm = ext.fakes["comfy.model_management"]
+    asked = []
+    monkeypatch.setattr(mm, "unet_dtype", lambda device, **kw: asked.append(kw) or torch.bfloat16, raising=False)
+    monkeypatch.setattr(mm, "vae_dtype", lambda device, allowed_dtypes=(): torch.float32, raising=False)
+    pipe = node(ext, "RCODModelLoader").load("osediff.pkl", "diffusers/base-sd21", "auto (from checkpoint)",
+                                             "auto", "auto")[0]
+    assert pipe.dtype == torch.bfloat16 and pipe.vae_dtype == torch.float32
+    assert asked and torch.float32 in asked[0]["supported_dtypes"]
+    monkeypatch.setattr(mm, "vae_dtype", lambda device, allowed_dtypes=(): torch.bfloat16, raising=False)
+    pipe = node(ext, "RCODModelLoader").load("osediff.pkl", "diffusers/base-sd21", "auto (from checkpoint)",
+                                             "fp32", "auto")[0]
+    assert pipe.dtype == torch.float32 and pipe.vae_dtype == torch.bfloat16  # --bf16-vae, say
