@@ -1,4 +1,5 @@
-// RCOD web extension: shows M_L and t on the nodes after a run; keeps the preset combo and the t widget in sync.
+// RCOD web extension: shows M_L and t on the nodes after a run (in a read-only widget, so both node renderers
+// show it); keeps the preset combo and the t widget in sync.
 // Served at /extensions/<this folder>/js/rcod.js, so ComfyUI's app module is three levels up.
 import { app } from "../../../scripts/app.js";
 
@@ -78,28 +79,33 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);  // the original handler first
-      const text = formatValues(message);
+      let text = formatValues(message);
+      const tWidget = findWidget(this, "t");
+      const preset = findWidget(this, "preset");
+      const used = Array.isArray(message?.rcod_t) ? message.rcod_t : [];
+      const fixedPreset = preset && !["Custom", "Adaptive"].includes(preset.value);
+      const oneT = used.length > 0 && used.every((v) => v === used[0]);  // not a mask's levels
+      if (text && tWidget && fixedPreset && oneT && used[0] !== tWidget.value) {
+        text += `  (the model's own t for ${preset.value}; the widget shows the paper's ${tWidget.value})`;
+      }
       if (text) {
         this.rcodValues = text;
+        // a widget, not canvas drawing: both the legacy canvas and the Vue node renderer show widgets
+        let shown = findWidget(this, "rcod_values");
+        if (!shown && this.addWidget) {
+          const node = this;
+          // read-only: an edit is put back to the values of the last run
+          shown = this.addWidget("text", "rcod_values", text, () => { if (shown) shown.value = node.rcodValues; },
+                                 { serialize: false });
+          if (shown) shown.serialize = false;  // not part of the saved workflow
+        }
+        if (shown) shown.value = text;
         const w = this.size?.[0] ?? 200;
         if (this.setSize && this.computeSize) {
           const min = this.computeSize();
-          this.setSize([Math.max(w, min[0]), Math.max(this.size[1], min[1] + 24)]);
+          this.setSize([Math.max(w, min[0]), Math.max(this.size[1], min[1])]);
         }
         this.setDirtyCanvas?.(true, true);
-      }
-      return r;
-    };
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      if (this.rcodValues && !this.flags?.collapsed && ctx?.fillText) {
-        ctx.save();
-        ctx.font = "12px monospace";
-        ctx.fillStyle = "#8fd48f";
-        ctx.textAlign = "left";
-        ctx.fillText(this.rcodValues, 10, this.size[1] - 8);
-        ctx.restore();
       }
       return r;
     };
