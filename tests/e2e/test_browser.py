@@ -138,3 +138,31 @@ def test_queue_shows_metric_and_t(page):
     assert "M_L" in shown.get("RCODLatentMetric", "") and "t " in shown["RCODLatentMetric"], shown
     assert "M_L" in shown.get("RCODDenoise", "") and "t " in shown["RCODDenoise"], shown
     assert not real_errors(page), page.errors
+
+
+def test_values_show_in_the_vue_node_renderer(page, server):
+    """'Nodes 2.0' (the Vue renderer) draws widgets as DOM: the M_L / t widget must be there as text."""
+    enabled = page.evaluate("""async () => {
+        const s = window.app.extensionManager?.setting;
+        if (!s) return false;
+        await s.set('Comfy.VueNodes.Enabled', true);
+        return s.get('Comfy.VueNodes.Enabled') === true;
+    }""")
+    if not enabled:
+        pytest.skip("this frontend has no Vue node renderer setting")
+    try:
+        graph = json.loads((ROOT / "workflows" / "rcod_adaptive_realism.json").read_text())
+        load_graph(page, graph)
+        page.wait_for_timeout(1000)
+        page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        found = ""
+        end = time.time() + 240
+        while time.time() < end and "M_L" not in found:
+            page.wait_for_timeout(500)
+            found = page.evaluate("""() => [...document.querySelectorAll('input, textarea, [data-node-id] *')]
+                .map(e => e.value || '').filter(v => v.includes('M_L')).join(' | ')""")
+        close_dialogs(page)
+        page.screenshot(path=str(ARTIFACTS / "ui_vue_after_run.png"))
+        assert "M_L" in found and "t " in found, found
+    finally:
+        page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
