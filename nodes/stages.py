@@ -202,10 +202,13 @@ class RCODDecode:
     def decode(self, rcod_model, latent):
         from rcod_core.model import scale_latent
 
+        pbar = Progress(1)
         with node_errors("RCOD Decode"):
             z = _finite(latent["samples"], "RCOD Decode")
             info = latent.get(LATENT_KEY)
+            pbar.cancel()  # an interrupt before the decoder runs
             images = rcod_model.decode(scale_latent(rcod_model.vae, z))
+        pbar(1, 1)
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]
         return (to_bhwc(images),)
