@@ -208,7 +208,7 @@ class RCODDecode:
             info = latent.get(LATENT_KEY)
             pbar.cancel()  # an interrupt before the decoder runs
             images = rcod_model.decode(scale_latent(rcod_model.vae, z))
-        pbar(1, 1)
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]
+        pbar(1, 1)
         return (to_bhwc(images),)
