@@ -65,15 +65,9 @@ def _path(choice: str, what: str):
 
 def _named_in_file(model_path: str, key: str) -> Optional[str]:
     """The base/CLIP path an rcod .safetensors stores (its metadata), without loading its tensors."""
-    if not model_path.endswith(".safetensors"):
-        return None
-    from safetensors import safe_open
+    from rcod_core.checkpoints import read_metadata
 
-    try:
-        with safe_open(model_path, "pt") as f:
-            return (f.metadata() or {}).get(key) or None
-    except Exception:  # not readable here: the full load reports it properly
-        return None
+    return read_metadata(model_path).get(key) or None
 
 
 def find_by_name(stored: str, kinds: tuple[str, ...], markers: dict[str, str]) -> Optional[str]:
@@ -124,7 +118,7 @@ def comfy_dtypes(device: torch.device, choice: str) -> tuple[torch.dtype, Option
         unet = model_management.unet_dtype(device, model_params=900_000_000,
                                            supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
     if unet not in usable:  # a chosen dtype, an fp8 choice (not for RCOD), or an old ComfyUI
-        unet = resolve_dtype(choice if choice != "auto" else "auto", device)
+        unet = resolve_dtype(choice, device)
     vae = None
     if hasattr(model_management, "vae_dtype"):
         vae = model_management.vae_dtype(device, allowed_dtypes=[torch.bfloat16, torch.float32])

@@ -160,12 +160,10 @@ def build_s3_model(
     if groups is not None:
         load_partial_state(unet, groups["unet"], "state_dict_unet", ("lora", "conv_in"))
         load_partial_state(vae, groups["vae"], "state_dict_vae", ("lora",))
-        for name, g in (("unet", conditioning.unet_guidance), ("vae", conditioning.vae_guidance)):
-            _load_all(g.de_mlp, groups[f"{name}_de_mlp"], f"state_dict_{name}_de_mlp")
-            _load_all(g.block_mlp, groups[f"{name}_block_mlp"], f"state_dict_{name}_block_mlp")
-            _load_all(g.fuse_mlp, groups[f"{name}_fuse_mlp"], f"state_dict_{name}_fuse_mlp")
-            _load_all(g.block_embeddings, groups[f"{name}_block_embeddings"], f"state_embeddings[state_dict_{name}_block]")
-        _load_all(conditioning.de_net, groups["de_net"], "de_net.pth")
+        for name, module in conditioning.parts().items():  # the release's names in the messages
+            what = ("de_net.pth" if name == "de_net" else f"state_embeddings[state_dict_{name[:-len('_embeddings')]}]"
+                    if name.endswith("_block_embeddings") else f"state_dict_{name}")
+            _load_all(module, groups[name], what)
         conditioning.w.copy_(groups["fourier"]["w"].float())
         if "mem" in groups:
             mem = MetricEstimator(conditioning.feature_dim)

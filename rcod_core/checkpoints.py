@@ -112,6 +112,20 @@ def sniff(path: Path) -> str:
 _PART_MARKS = {"de_net": (b"conv_first", b"fc_degree"), "rcod_s_mem": (b"state_dict_clip_proj",)}
 
 
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata without reading its tensors; ``{}`` for anything else or an
+    unreadable file (the full load reports that properly)."""
+    try:
+        if sniff(Path(path)) != "safetensors":
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # OSError, or safetensors' own error type on a damaged header
+        return {}
+
+
 def probe_role(path: PathLike) -> str:
     """``"model"``, ``"de_net"``, ``"rcod_s_mem"`` or ``"unknown"`` — cheaply, for menus: from our
     metadata, or by looking for key names in a torch zip's pickle bytes (nothing is unpickled)."""
@@ -119,10 +133,7 @@ def probe_role(path: PathLike) -> str:
     try:
         kind = sniff(p)
         if kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                return "model" if (f.metadata() or {}).get("format") == FORMAT_NAME else "unknown"
+            return "model" if read_metadata(p).get("format") == FORMAT_NAME else "unknown"
         if kind == "zip":
             with zipfile.ZipFile(p) as z:
                 name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)

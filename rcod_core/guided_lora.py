@@ -23,6 +23,8 @@ from torch import nn
 from .deresnet import DEResNet
 
 FOURIER_FREQUENCIES = 64
+#: the parts of a DegradationGuidance that a checkpoint stores, one group each per model (unet / vae)
+GUIDANCE_PARTS = ("de_mlp", "block_mlp", "fuse_mlp", "block_embeddings")
 BLOCK_EMBEDDING_DIM = 64
 UNET_BLOCKS = 10  # down 0-3, mid 4, up 5-8, conv_out 9
 VAE_BLOCKS = 6  # down 0-3, mid 4, conv_in/conv_out 5
@@ -214,6 +216,23 @@ class DegradationConditioning(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.de_net.feature_dim
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The modules behind the canonical weight groups (``unet_de_mlp``, ``vae_fuse_mlp``, …,
+        ``de_net``); ``fourier`` (the frequencies ``w``) is a buffer, see :meth:`weight_groups`."""
+        out: dict[str, nn.Module] = {}
+        for model, g in (("unet", self.unet_guidance), ("vae", self.vae_guidance)):
+            for part in GUIDANCE_PARTS:
+                out[f"{model}_{part}"] = getattr(g, part)
+        out["de_net"] = self.de_net
+        return out
+
+    def weight_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every weight as canonical checkpoint groups (CPU float32 copies), ``fourier`` included."""
+        groups = {name: {k: v.detach().to("cpu", torch.float32).clone() for k, v in m.state_dict().items()}
+                  for name, m in self.parts().items()}
+        groups["fourier"] = {"w": self.w.detach().cpu().clone()}
+        return groups
 
     def train(self, mode: bool = True) -> "DegradationConditioning":
         super().train(mode)

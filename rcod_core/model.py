@@ -35,17 +35,21 @@ LatentMode = Literal["mode", "sample"]
 LATENT_MODES: tuple[str, ...] = ("mode", "sample")
 
 
+def _scale_shift(vae: nn.Module) -> tuple[float, float]:
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def scale_latent(vae: nn.Module, raw: torch.Tensor) -> torch.Tensor:
     """A raw VAE latent (what ``vae.encode`` gives; ComfyUI's LATENT ``samples``) → the scaled latent
     the UNet sees: ``(raw − shift) · scaling_factor``, float32."""
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return (raw.float() - shift) * float(vae.config.scaling_factor)
+    scale, shift = _scale_shift(vae)
+    return (raw.float() - shift) * scale
 
 
 def unscale_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`scale_latent`, in ``z``'s dtype: ``z / scaling_factor + shift``."""
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return z / float(vae.config.scaling_factor) + shift
+    scale, shift = _scale_shift(vae)
+    return z / scale + shift
 
 
 def posterior_latent(

@@ -27,7 +27,7 @@ from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize
 from .memory import TilePlan, choose_tile
 from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
 from .progress import CancelFn, Progress, ProgressFn
-from .release import PROCESSINGS, Processing, release_input, release_output, release_timestep, to_uint8_round, uint8_to_float
+from .release import PROCESSINGS, Processing, release_input, release_output, release_timestep, uint8_to_float
 from .realism import blend_levels, feathered_mask_t_map, gaussian_blur, level_weights, metric_map, prepare_map
 from .schedule import X0Mode, check_timestep
 from .spec import ModelSpec
@@ -383,16 +383,16 @@ class RCODPipeline:
         validate_images(images)
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
-        if isinstance(scale, bool) or float(scale) != int(scale) or not 1 <= int(scale) <= 8:
-            raise ValueError(f"processing='release' takes an integer scale in [1, 8] (the release's --upscale), got {scale!r}")
+        if isinstance(scale, bool) or float(scale) != int(scale) or not 1 <= int(scale) <= MAX_SCALE:
+            raise ValueError(f"processing='release' takes an integer scale in [1, {MAX_SCALE:g}] (the release's "
+                             f"--upscale), got {scale!r}")
         key = realism.strip().lower() if isinstance(realism, str) else None
         if key == "auto-map":
             raise ValueError("processing='release' has no realism map; use 'adaptive', a preset or t")
         tracker = Progress(progress, cancel, total=3)
         tracker.check()
-        lr = uint8_to_float(to_uint8_round(images.cpu())).to(self.device)
         rin = release_input(images, self.spec.base, int(scale))
-        x = rin.model_input.to(self.device)
+        lr, x = rin.lr.to(self.device), rin.model_input.to(self.device)
         state = self.model.condition(lr)  # RCOD_S: DEResNet on the original LR
         tokens = self.model.tokens(x)
         z_l = self.model.encode(x, latent, generator, noise)

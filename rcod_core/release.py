@@ -91,6 +91,7 @@ def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bic
 class ReleaseInput:
     """The model's input after the release's size rules (see the module docstring)."""
 
+    lr: torch.Tensor  # the LR as the script reads it (8-bit, as float in [0, 1]): DEResNet's / MEM's input
     model_input: torch.Tensor  # float [0, 1] at the size the network runs at (RCOD_S: padded)
     reference: torch.Tensor  # uint8: the colour fix's source
     crop: tuple[int, int]  # (H, W) of the network's output to keep
@@ -100,6 +101,7 @@ class ReleaseInput:
 def release_input(images: torch.Tensor, family: str, scale: int) -> ReleaseInput:
     """Images (B, 3, h, w) in [0, 1] → the release's network input for a base ``family``."""
     lr8 = to_uint8_round(images.cpu())
+    lr = uint8_to_float(lr8)
     h, w = lr8.shape[-2:]
     if family == "sd21_base":
         final = None
@@ -112,12 +114,11 @@ def release_input(images: torch.Tensor, family: str, scale: int) -> ReleaseInput
         hh, ww = up.shape[-2] - up.shape[-2] % 8, up.shape[-1] - up.shape[-1] % 8
         if (hh, ww) != tuple(up.shape[-2:]):
             up = pil_resize(up, (hh, ww), "lanczos")
-        return ReleaseInput(uint8_to_float(up), up, (hh, ww), final)
+        return ReleaseInput(lr, uint8_to_float(up), up, (hh, ww), final)
     if family == "sd_turbo":
-        lr = uint8_to_float(lr8)
         up = F.interpolate(lr, size=(h * scale, w * scale), mode="bilinear", align_corners=False)
         padded, _ = pad_to_multiple(up.clamp(0, 1), S3_PAD)
-        return ReleaseInput(padded, to_uint8_truncate(up), (h * scale, w * scale), None)
+        return ReleaseInput(lr, padded, to_uint8_truncate(up), (h * scale, w * scale), None)
     raise ValueError(f"release processing knows the SD 2.1-base and SD-Turbo scripts, not base {family!r}")
 
 

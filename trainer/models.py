@@ -253,15 +253,8 @@ def export_checkpoint(model: RCODModel) -> Checkpoint:
         "vae": _cpu({k: v for k, v in model.vae.state_dict().items() if "lora" in k}),
         "projection": _cpu(model.prompt_encoder.projection.state_dict()),
     }
-    c = model.conditioning
-    if c is not None:
-        for name, g in (("unet", c.unet_guidance), ("vae", c.vae_guidance)):
-            groups[f"{name}_de_mlp"] = _cpu(g.de_mlp.state_dict())
-            groups[f"{name}_block_mlp"] = _cpu(g.block_mlp.state_dict())
-            groups[f"{name}_fuse_mlp"] = _cpu(g.fuse_mlp.state_dict())
-            groups[f"{name}_block_embeddings"] = _cpu(g.block_embeddings.state_dict())
-        groups["fourier"] = {"w": c.w.detach().cpu().clone()}
-        groups["de_net"] = _cpu(c.de_net.state_dict())
+    if model.conditioning is not None:
+        groups.update(model.conditioning.weight_groups())
     return Checkpoint(spec, groups, spec.kind, None)
 
 

@@ -81,11 +81,14 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 def check_upscale_args(args: argparse.Namespace) -> None:
     """Everything about the arguments that can be wrong, before a model is loaded (one line each)."""
     from ..grouping import resolve_realism
-    from ..imageops import MAX_SCALE
+    from ..imageops import output_size
 
     resolve_device(args.device)
-    if not args.size and not 1.0 <= args.scale <= MAX_SCALE:
-        raise ValueError(f"--scale must be in [1, {MAX_SCALE:g}], got {args.scale:g}")
+    if not args.size:
+        try:
+            output_size(1, 1, args.scale)  # the pipeline's own range check, before anything loads
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None
     realism = _parse_realism(args.realism)
     if not (isinstance(realism, str) and realism.strip().lower() in ("adaptive", "auto-map")):
         resolve_realism(realism)
