@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "vgg_weights": None,          # torchvision vgg16 state dict (features.*)
         "lin_weights": None,          # LPIPS v0.1 linear layers (lpips package: weights/v0.1/vgg.pth)
     },
-    "regulariser": {"rank": 4, "condition": "vpim"},
+    "regulariser": {"rank": 4, "condition": "vpim"},  # vpim (the release) | null (an unconditional prior)
     "gan": {
         "backbone": "dino_vitb16",    # dino_vitb16 (vision-aided-gan 'dino') | tiny
         "weights": None,              # DINO ViT weights (transformers folder or state-dict file)
@@ -212,7 +212,7 @@ def check_values(cfg: dict) -> None:
     _choice(cfg, ("grouping", "latent"), ("sample", "mode"))
     _choice(cfg, ("das", "mode"), ("official", "paper"))
     _choice(cfg, ("lpips", "mode"), ("pretrained", "random-init", "off"))
-    _choice(cfg, ("regulariser", "condition"), ("vpim",))
+    _choice(cfg, ("regulariser", "condition"), ("vpim", "null"))
     _choice(cfg, ("gan", "backbone"), ("dino_vitb16", "tiny"))
     _choice(cfg, ("train", "mixed_precision"), ("no", "fp16", "bf16"))
     _choice(cfg, ("log", "tensorboard"), ("auto", "on", "off"))

@@ -465,6 +465,15 @@ class Trainer:
             logs["loss_lpips"] = float(loss_lp.detach())
         return gen_u, draws, out, t, target, loss
 
+    def _regulariser_tokens(self, gen_u, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition, negative) of the VSD scores: the generator's VPIM tokens and those of an
+        all-zero image (``regulariser.condition: vpim``, the release), or one all-zero token for both
+        (``null``: a prior trained unconditionally, such as ``rcod-train pretrain``'s; CFG is then moot)."""
+        if self.cfg["regulariser"]["condition"] == "null":
+            null = tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1])
+            return null, null
+        return tokens, gen_u.prompt_encoder.negative_tokens(tokens.shape[0]).to(tokens)
+
     def _step_rcod_o(self, hr, lr, lr_up, indices, logs):
         cfg, acc = self.cfg, self.accelerator
         w = cfg["loss"]
@@ -472,14 +481,15 @@ class Trainer:
         if w["vsd"] > 0:
             reg_u = acc.unwrap_model(self.regulariser)
             t_r = self._das(indices, t)
-            negative = gen_u.prompt_encoder.negative_tokens(hr.shape[0]).to(out.tokens)
-            x0_fake, x0_real = reg_u.scores(out.z_pred, out.tokens, negative, t_r, draws["noise_vsd"], w["cfg"])
+            tokens, negative = self._regulariser_tokens(gen_u, out.tokens)
+            x0_fake, x0_real = reg_u.scores(out.z_pred, tokens, negative, t_r, draws["noise_vsd"], w["cfg"])
             loss_vsd = vsd_loss(out.z_pred, x0_fake, x0_real)
             loss = loss + w["vsd"] * loss_vsd
             logs["loss_vsd"] = float(loss_vsd.detach())
         self._update(loss, self.gen_params, self.opt, self.sched)
         if self.regulariser is not None and w["vsd_lora"] > 0:
-            loss_d = self.regulariser(out.z_pred.detach(), out.tokens.detach(), draws["t_reg"], draws["noise_reg"])
+            loss_d = self.regulariser(out.z_pred.detach(), self._regulariser_tokens(gen_u, out.tokens)[0].detach(),
+                                      draws["t_reg"], draws["noise_reg"])
             self._update(w["vsd_lora"] * loss_d, self.reg_params, self.opt_reg, self.sched_reg)
             logs["loss_reg"] = float(loss_d.detach())
         logs["loss"] = float(loss.detach())

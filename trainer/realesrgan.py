@@ -353,3 +353,21 @@ class RealESRGANDegradation:
         if len(generators) != hr.shape[0]:
             raise ValueError(f"need one generator per sample: {hr.shape[0]} images, {len(generators)} generators")
         return torch.stack([self.degrade_one(img, g)[0] for img, g in zip(hr, generators)])
+
+
+#: evaluation severities: ``severe`` is the training pipeline itself (Real-ESRGAN x4plus); ``mild``
+#: keeps its structure with light blur, noise and compression and no second blur
+SEVERITIES: dict[str, dict] = {
+    "severe": {},
+    "mild": {"blur_sigma": (0.2, 1.2), "resize_range": (0.7, 1.2), "noise_range": (1.0, 5.0),
+             "poisson_scale_range": (0.05, 0.5), "jpeg_range": (75.0, 95.0), "second_blur_prob": 0.0,
+             "resize_range2": (0.8, 1.2), "noise_range2": (1.0, 3.0), "poisson_scale_range2": (0.05, 0.3),
+             "jpeg_range2": (80.0, 95.0), "final_sinc_prob": 0.0},
+}
+
+
+def severity_config(name: str, scale: int = 4) -> DegradationConfig:
+    """The Real-ESRGAN settings of an evaluation severity (:data:`SEVERITIES`)."""
+    if name not in SEVERITIES:
+        raise ValueError(f"severity must be one of {sorted(SEVERITIES)}, got {name!r}")
+    return DegradationConfig.from_dict({"scale": scale, **SEVERITIES[name]})
