@@ -14,6 +14,8 @@ from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_man
 
 AUTO = "auto (from checkpoint)"
 NONE = "none"
+#: the small RCOD_O that ships inside the package (rcod_core.demo), offered without copying files
+DEMO = "demo (built-in)"
 #: loaded models by their files, dtype and device — held weakly: ComfyUI's own output cache keeps a
 #: model alive while a workflow uses it, and when ComfyUI drops it (POST /free, cache eviction) the
 #: memory is released instead of being pinned here
@@ -46,8 +48,12 @@ def _roles() -> dict[str, str]:
 
 
 def checkpoint_choices() -> list[str]:
-    """Loadable checkpoints only: parts (de_net.pth, MEM files) load beside a model, not alone."""
-    return [n for n, role in _roles().items() if role not in ("de_net", "rcod_s_mem")]
+    """Loadable checkpoints only (parts — de_net.pth, MEM files — load beside a model, not alone),
+    after the built-in demo model."""
+    from rcod_core.demo import DEMO_CHECKPOINT
+
+    demo = [DEMO] if DEMO_CHECKPOINT.is_file() else []
+    return [*demo, *(n for n, role in _roles().items() if role not in ("de_net", "rcod_s_mem"))]
 
 
 def mem_choices() -> list[str]:
@@ -140,7 +146,8 @@ class RCODModelLoader:
         return {
             "required": {
                 "checkpoint": (checkpoint_choices(), {"tooltip":
-                               "RCOD / OSEDiff / S3Diff checkpoint in models/rcod (official .pkl or rcod .safetensors). "
+                               "RCOD / OSEDiff / S3Diff checkpoint in models/rcod (official .pkl or rcod .safetensors), or "
+                               "'demo (built-in)', the small RCOD_O that ships with this extension. "
                                "A de_net.pth beside an RCOD_S/S3Diff pickle is picked up automatically."}),
                 "base": (base_choices(), {"default": AUTO, "tooltip":
                          "SD 2.1-base (RCOD_O, OSEDiff) or SD-Turbo (RCOD_S, S3Diff). 'auto' uses the path stored "
@@ -165,13 +172,20 @@ class RCODModelLoader:
         from rcod_core.loader import load_pipeline
 
         with node_errors("RCOD Model Loader"):
-            model_path = resolve_model("rcod", checkpoint, "checkpoint")
+            roots = [r for kind in ("rcod", "diffusers", "checkpoints", "clip_vision") for r in folders(kind)]
             extras = [resolve_model("rcod", mem, "MEM file")] if mem not in (None, "", NONE) else []
             base_path, clip_path = _path(base, "base model"), _path(clip_vision, "CLIP vision model")
-            if base == AUTO:
-                base_path = _auto(model_path, "base", ("diffusers", "checkpoints"), {"diffusers": "model_index.json"})
-            if clip_vision == AUTO:
-                clip_path = _auto(model_path, "clip", ("clip_vision",), {"clip_vision": "config.json"})
+            if checkpoint == DEMO:  # its base and CLIP lie beside it, inside the package
+                from rcod_core.demo import DEMO_DIR, demo_checkpoint
+
+                model_path = os.fspath(demo_checkpoint())
+                roots.append(os.fspath(DEMO_DIR))
+            else:
+                model_path = resolve_model("rcod", checkpoint, "checkpoint")
+                if base == AUTO:
+                    base_path = _auto(model_path, "base", ("diffusers", "checkpoints"), {"diffusers": "model_index.json"})
+                if clip_vision == AUTO:
+                    clip_path = _auto(model_path, "clip", ("clip_vision",), {"clip_vision": "config.json"})
             torch_device = model_management.get_torch_device() if device == "auto" else torch.device(device)
             torch_dtype, vae_dtype = comfy_dtypes(torch_device, dtype)
             beside = os.path.join(os.path.dirname(model_path), "de_net.pth")  # picked up by load_pipeline
@@ -182,7 +196,6 @@ class RCODModelLoader:
             if cached is not None:
                 return (cached,)
             model_management.free_memory(sum(_size(p) for p in (model_path, *extras, base_path, clip_path)), torch_device)
-            roots = [r for kind in ("rcod", "diffusers", "checkpoints", "clip_vision") for r in folders(kind)]
             pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=torch_device,
                                  dtype=torch_dtype, vae_dtype=vae_dtype, metadata_roots=roots)
             model_management.soft_empty_cache()

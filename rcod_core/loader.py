@@ -265,12 +265,16 @@ def load_pipeline(
 ):
     """Any supported checkpoint → a ready :class:`~rcod_core.pipeline.RCODPipeline`.
 
+    ``model`` is a file or ``"demo"``, the built-in model (:mod:`rcod_core.demo`).
     ``base`` / ``clip`` may be omitted when the checkpoint's metadata names them; with
     ``metadata_roots`` (e.g. a server's model folders) such a stored path must lie inside one of
     them, the same containment rule as a user-given model name. ``extras`` are
     the release's separate MEM / DEResNet files (a ``de_net.pth`` beside an S3Diff/RCOD_S pickle is
     picked up automatically). Everything is validated before any model is built.
     """
+    from .demo import resolve_model
+
+    model = resolve_model(model)
     ckpt = load_checkpoint(model)
     if ckpt.source_format in ("rcod_s_mem", "de_net"):
         raise CheckpointError(f"{model}: a {ckpt.source_format} file is a part of RCOD_S; load the generator and pass this as an extra")

@@ -269,3 +269,33 @@ def test_bad_input_gives_clear_errors(dataset, tmp_path):
         parse_sweep("50:950")
     with pytest.raises(ValueError, match=r"\[1, 999\]"):
         parse_sweep("0:1000:500")
+
+
+def test_hf_ratio_is_one_for_hr_below_for_blur_above_for_noise():
+    from rcod_core.tools.metrics import hf_ratio
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    hr = (0.5 + 0.3 * torch.sin(xx / 2) * torch.cos(yy / 3)).expand(3, 64, 64).clone()
+    blur = lambda k: torch.nn.functional.avg_pool2d(hr[None], k, 1, k // 2, count_include_pad=False)[0]  # noqa: E731
+    noisy = (hr + 0.05 * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+    assert hf_ratio(hr, hr) == pytest.approx(1.0)
+    assert hf_ratio(blur(5), hr) < hf_ratio(blur(3), hr) < 0.9
+    assert hf_ratio(noisy, hr) > 1.2
+    with pytest.raises(ValueError, match="flat"):
+        hf_ratio(hr, torch.full_like(hr, 0.5))
+
+
+def test_bicubic_baseline_scores_the_same_image_at_every_t(tmp_path):
+    from rcod_core.tools.evaluate import EvalConfig, ModelEntry, BicubicBaseline, evaluate, make_synthetic_pairs, parse_settings
+
+    make_synthetic_pairs(tmp_path / "lr", tmp_path / "hr", hr_size=64, count=2)
+    report = evaluate([ModelEntry("bicubic", "bicubic", BicubicBaseline)],
+                      EvalConfig(lr_dir=tmp_path / "lr", hr_dir=tmp_path / "hr", out_dir=tmp_path / "out",
+                                 settings=parse_settings("fidelity", [250, 750]), metrics=["psnr", "hf"], quiet=True))
+    rows = [r for r in report.rows if r["group"] == "sweep"]
+    assert len(rows) == 2 and rows[0]["scores"] == rows[1]["scores"]
+    lr = torch.rand(1, 3, 16, 16)
+    up = BicubicBaseline().sweep(lr, timesteps=[250], scale=4).images[0]
+    ref = torch.nn.functional.interpolate(lr, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.equal(up, ref)

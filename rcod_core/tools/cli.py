@@ -254,7 +254,8 @@ def make_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale images, folders or globs")
     up.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     up.add_argument("-o", "--output", required=True, help="output folder")
-    up.add_argument("--model", help="RCOD / OSEDiff / S3Diff checkpoint (official pickle or our .safetensors)")
+    up.add_argument("--model", help="RCOD / OSEDiff / S3Diff checkpoint (official pickle or our .safetensors), "
+                    "or demo: the built-in small RCOD_O")
     up.add_argument("--base", help="base model: diffusers folder or single .safetensors/.ckpt file")
     up.add_argument("--clip", help="CLIP ViT-L/14 vision model: transformers folder or .safetensors")
     up.add_argument("--extra", action="append", metavar="FILE",

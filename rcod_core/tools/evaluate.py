@@ -627,7 +627,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="score models on an LR/HR test set with the paper's metrics (Table 2)",
         description="Run model(s) on LR images paired by file stem with HR images and write results.md/.csv/"
                     ".json and metrics_vs_t.png. Per-image scores are cached in OUT/cache (resumable).")
-    ev.add_argument("--model", action="append", metavar="FILE", help="checkpoint to evaluate (repeatable)")
+    ev.add_argument("--model", action="append", metavar="FILE", help="checkpoint to evaluate (repeatable); demo: the built-in model")
     ev.add_argument("--base", help="base model: diffusers folder or single .safetensors/.ckpt file")
     ev.add_argument("--clip", help="CLIP ViT-L/14 vision model: transformers folder or .safetensors")
     ev.add_argument("--extra", action="append", metavar="FILE", help="MEM file or de_net.pth (repeatable)")
@@ -652,8 +652,34 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--tiny-smoke", action="store_true",
                     help="SMOKE RUN: a tiny random-weight RCOD_O instead of --model (offline check)")
+    ev.add_argument("--baseline", choices=["bicubic"], help="also score this baseline (the same image at every t)")
     ev.set_defaults(func=cmd_eval)
     return ev
+
+
+class BicubicBaseline:
+    """``rcod eval --baseline bicubic``: the LR image upscaled bicubically, as a model row whose output
+    does not depend on t (the same image at every sweep point)."""
+
+    device = torch.device("cpu")
+
+    def resolve_timesteps(self, realism, batch_size: int) -> torch.Tensor:
+        from ..grouping import resolve_realism
+
+        return torch.full((batch_size,), resolve_realism(realism), dtype=torch.int64)
+
+    def sweep(self, lr: torch.Tensor, timesteps, scale: float, **_) -> "types.SimpleNamespace":
+        import types
+
+        from ..imageops import output_size
+
+        h, w = output_size(lr.shape[-2], lr.shape[-1], scale)
+        up = torch.nn.functional.interpolate(lr.float(), size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+        return types.SimpleNamespace(images=up[None].expand(len(timesteps), *up.shape),
+                                     timesteps=torch.tensor(list(timesteps), dtype=torch.int64))
+
+    def run(self, *_, **__):
+        raise ValueError("bicubic has no adaptive realism")
 
 
 def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[ModelEntry]:
@@ -664,20 +690,27 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
         return [ModelEntry("tiny-smoke (random weights)", f"tiny-rcod_o-seed{args.seed}",
                            lambda: tiny_pipeline(kind="rcod_o", seed=args.seed, device=device, dtype=dtype), smoke=True)]
+    baselines = [ModelEntry("bicubic", "bicubic", BicubicBaseline)] if getattr(args, "baseline", None) == "bicubic" else []
     if not args.model:
+        if baselines:
+            return baselines
         raise ValueError("--model is required (or --tiny-smoke for an offline smoke run)")
+    from ..demo import is_demo, resolve_model
+    from ..loader import load_pipeline
+
     entries = []
     for model in args.model:
-        if not Path(model).is_file():
+        demo, path = is_demo(model), resolve_model(model)
+        if not Path(path).is_file():
             raise FileNotFoundError(f"--model {model!r} does not exist")
-        from ..loader import load_pipeline
 
         def load(model=model):
             return load_pipeline(model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
                                  dtype=dtype, prompt=args.prompt)
 
-        entries.append(ModelEntry(Path(model).stem, file_digest([model, *(args.extra or ())]), load))
-    return entries
+        name = "demo (built-in)" if demo else Path(model).stem
+        entries.append(ModelEntry(name, file_digest([path, *(args.extra or ())]), load))
+    return entries + baselines
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

