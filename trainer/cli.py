@@ -45,7 +45,9 @@ def scan_metric(cfg: dict, samples: int = 256, groups: int = 3, batch: int = 4) 
 
     if samples < 1:
         raise config_mod.ConfigError(f"--samples must be at least 1, got {samples}")
-    config_mod.check_paths({**cfg, "lpips": {**cfg["lpips"], "mode": "off"}, "loss": {**cfg["loss"], "gan": 0.0}})
+    # the scan writes the bounds file the config names: it need not exist yet
+    config_mod.check_paths({**cfg, "lpips": {**cfg["lpips"], "mode": "off"}, "loss": {**cfg["loss"], "gan": 0.0},
+                            "grouping": {**cfg["grouping"], "bounds": None}})
     if cfg["train"]["threads"]:
         torch.set_num_threads(int(cfg["train"]["threads"]))
     dataset = build_train_dataset(cfg)

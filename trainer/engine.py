@@ -482,7 +482,8 @@ class Trainer:
             reg_u = acc.unwrap_model(self.regulariser)
             t_r = self._das(indices, t)
             tokens, negative = self._regulariser_tokens(gen_u, out.tokens)
-            x0_fake, x0_real = reg_u.scores(out.z_pred, tokens, negative, t_r, draws["noise_vsd"], w["cfg"])
+            with acc.autocast():  # the unwrapped regulariser runs in the run's mixed precision too
+                x0_fake, x0_real = reg_u.scores(out.z_pred, tokens, negative, t_r, draws["noise_vsd"], w["cfg"])
             loss_vsd = vsd_loss(out.z_pred, x0_fake, x0_real)
             loss = loss + w["vsd"] * loss_vsd
             logs["loss_vsd"] = float(loss_vsd.detach())
