@@ -467,3 +467,17 @@ def test_loader_precision_follows_comfyui(ext, monkeypatch):
     pipe = node(ext, "RCODModelLoader").load("osediff.pkl", "diffusers/base-sd21", "auto (from checkpoint)",
                                              "fp32", "auto")[0]
     assert pipe.dtype == torch.float32 and pipe.vae_dtype == torch.bfloat16  # --bf16-vae, say
+
+
+def test_loader_offers_the_built_in_demo_model_first(ext, tmp_path):
+    """'demo (built-in)' loads the package's model with its own base and CLIP (no copied files, no
+    base/CLIP widgets needed), and gives the same image as the library's load_pipeline('demo')."""
+    from rcod_core.loader import load_pipeline
+
+    spec = ext.NODE_CLASS_MAPPINGS["RCODModelLoader"].INPUT_TYPES()
+    assert spec["required"]["checkpoint"][0][0] == "demo (built-in)"
+    pipe = load(ext, "demo (built-in)", base="auto (from checkpoint)", clip="auto (from checkpoint)")
+    assert pipe.spec.kind == "rcod_o" and pipe.spec.x0_mode == "paper"
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = load_pipeline("demo").run(lr, realism="realism").images
+    assert torch.equal(pipe.run(lr, realism="realism").images, ref)
