@@ -115,6 +115,7 @@ def test_registry_is_a_table_and_unavailable_metrics_say_why(monkeypatch, tmp_pa
     for spec in M.METRICS.values():
         assert spec.kind in ("FR", "NR", "dist") and callable(spec.check) and callable(spec.build)
     assert {n for n, s in M.METRICS.items() if s.higher_is_better} == {"psnr", "ssim", "musiq", "maniqa", "clipiqa"}
+    assert {n: s.arrow for n, s in M.METRICS.items() if s.target is not None} == {"hf": "→1"}
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty weight folder
     status = M.availability(["lpips", "dists", "musiq", "maniqa", "clipiqa"])
     for name, reason in status.items():

