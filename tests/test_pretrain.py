@@ -136,6 +136,8 @@ def test_each_stage_runs_and_chains_into_rcod_training(tmp_path, capsys):
     from rcod_core.loader import detect_folder_family, load_base
 
     assert detect_folder_family(base) == "sd21_base"
+    for part in ("unet", "vae"):  # no path of the machine that trained it
+        assert "_name_or_path" not in json.loads((base / part / "config.json").read_text())
     loaded = load_base(base, "sd21_base", with_clip=True, clip=base / "clip_vision")
     assert next(loaded.unet.parameters()).dtype == torch.float32 and loaded.latent_factor == 4
 

@@ -179,9 +179,9 @@ def validation_crops(folder: str, size: int, per_image: int) -> torch.Tensor:
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB of 0..1 images after 8-bit quantisation, averaged over the batch."""
-    x = (x.clamp(0, 1) * 255).round() / 255
-    mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return float((10 * torch.log10(1 / mse)).mean())
+    from .engine import psnr as image_psnr
+
+    return float(image_psnr((x.clamp(0, 1) * 255).round() / 255, y).mean())
 
 
 # -- VAE ------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def build_vae(cfg: dict):
                          norm_num_groups=v["norm_num_groups"], sample_size=cfg["data"]["val_crop"])
     c = v["latent_channels"]
     with torch.no_grad():
-        for name, module in vae.named_modules():
+        for module in vae.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 torch.nn.init.zeros_(module.bias)
@@ -227,10 +227,8 @@ def reconstruct(vae, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
 @torch.no_grad()
 def latent_std(vae, dataset, count: int, batch: int = 8) -> float:
     """Standard deviation of the posterior samples over ``count`` training crops (SD's scale rule)."""
-    values = []
-    for i in range(0, count, batch):
-        x = torch.stack([dataset[k]["hr"] for k in range(i, min(count, i + batch))]) * 2 - 1
-        values.append(vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(i)).flatten())
+    values = [vae.encode(x * 2 - 1).latent_dist.sample(generator=torch.Generator().manual_seed(i * batch)).flatten()
+              for i, x in enumerate(stream_batches(dataset, count, batch))]
     return float(torch.cat(values).std())
 
 
@@ -296,15 +294,17 @@ def build_unet(cfg: dict, factor: int, latent_channels: int):
         norm_num_groups=u["norm_num_groups"], use_linear_projection=True)
 
 
-@torch.no_grad()
-def encode_crops(vae, dataset, count: int, batch: int = 16) -> torch.Tensor:
-    """Scaled posterior-mode latents of the first ``count`` seeded random crops (and flips) of the
-    training stream: the prior's data, encoded once (the VAE is frozen in this stage)."""
-    out = []
+def stream_batches(dataset, count: int, batch: int):
+    """The first ``count`` crops of a seeded training stream, ``batch`` at a time (0..1 tensors)."""
     for i in range(0, count, batch):
-        x = torch.stack([dataset[k]["hr"] for k in range(i, min(count, i + batch))]) * 2 - 1
-        out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
-    return torch.cat(out)
+        yield torch.stack([dataset[k]["hr"] for k in range(i, min(count, i + batch))])
+
+
+@torch.no_grad()
+def encode_latents(vae, batches) -> torch.Tensor:
+    """Scaled posterior-mode latents of image batches in 0..1 (the VAE is frozen in this stage):
+    the prior's data, encoded once, and its held-out crops."""
+    return torch.cat([vae.encode(x * 2 - 1).latent_dist.mode() * vae.config.scaling_factor for x in batches])
 
 
 def null_tokens(batch: int, dim: int) -> torch.Tensor:
@@ -338,8 +338,9 @@ def denoise_grid(unet, vae, latents: torch.Tensor, alphas: torch.Tensor, path: P
 
     sf = vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    dec = lambda z: ((vae.decode(z / sf).sample.float() + 1) / 2).clamp(0, 1)
-    rows_top, rows_bottom = [dec(latents)], [dec(latents)]
+    dec = lambda z: ((vae.decode(z / sf).sample.float() + 1) / 2).clamp(0, 1)  # noqa: E731
+    clean = dec(latents)
+    rows_top, rows_bottom = [clean], [clean]
     for t in ts:
         tt = torch.full((latents.shape[0],), t, dtype=torch.long)
         ab = alphas[tt]
@@ -354,6 +355,15 @@ def denoise_grid(unet, vae, latents: torch.Tensor, alphas: torch.Tensor, path: P
         blocks.append(torch.cat([top, bottom], dim=1))
     grid = torch.cat(blocks, dim=1)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def save_model(model, folder: Path) -> None:
+    """``save_pretrained`` without the ``_name_or_path`` diffusers records from ``from_pretrained``
+    (the folder this machine loaded it from: it means nothing beside the copy)."""
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_clip(folder: Path, family: str, seed: int) -> None:
@@ -382,11 +392,9 @@ def train_prior(cfg: dict) -> dict:
     if cfg["data"]["crop"] % factor:
         raise ConfigError(f"config data.crop must be a multiple of the VAE's factor {factor}")
     dataset = HRCropDataset(list_images(cfg["data"]["train"]), cfg["data"]["crop"], cfg["seed"])
-    bank = encode_crops(vae, dataset, cfg["bank_size"])
+    bank = encode_latents(vae, stream_batches(dataset, cfg["bank_size"], 16))
     val_images = validation_crops(cfg["data"]["val"], cfg["data"]["val_crop"], cfg["data"]["val_crops_per_image"])
-    with torch.no_grad():
-        val = torch.cat([vae.encode(val_images[i:i + 8] * 2 - 1).latent_dist.mode() for i in range(0, len(val_images), 8)])
-        val = val * vae.config.scaling_factor
+    val = encode_latents(vae, val_images.split(8))
     scheduler_config = family_config("sd21_base", "scheduler")
     alphas = alphas_cumprod(scheduler_config).float()
     unet = build_unet(cfg, factor, vae.config.latent_channels).train()
@@ -425,8 +433,8 @@ def train_prior(cfg: dict) -> dict:
     base = out / "base"
     if base.exists():
         shutil.rmtree(base)
-    unet.to(dtype).save_pretrained(base / "unet")
-    vae.to(dtype).save_pretrained(base / "vae")
+    for name, model in (("unet", unet), ("vae", vae)):
+        save_model(model.to(dtype), base / name)
     (base / "scheduler").mkdir(parents=True)
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=1) + "\n", encoding="utf-8")
     write_clip(base / "clip_vision", cfg["clip"]["family"], cfg["clip"]["seed"])
