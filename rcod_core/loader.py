@@ -285,16 +285,16 @@ def load_pipeline(
             parts.append(load_checkpoint(beside))
     if parts:
         ckpt = merge_checkpoints(ckpt, *parts)
-    base = base or _metadata_path(ckpt, "base", metadata_roots)
+    base = base or metadata_path(ckpt, "base", metadata_roots)
     if not base:
         raise ValueError(f"a base model is needed for {model} ({ckpt.spec.base}): pass base=/--base")
-    clip = clip or _metadata_path(ckpt, "clip", metadata_roots)
+    clip = clip or metadata_path(ckpt, "clip", metadata_roots)
     if ckpt.spec.uses_vpim and not clip:
         raise ValueError(f"a CLIP ViT-L/14 vision model is needed for {model}: pass clip=/--clip")
     return pipeline_from_checkpoint(ckpt, base, clip, device=device, dtype=dtype, vae_dtype=vae_dtype, merge=merge, prompt=prompt)
 
 
-def _metadata_path(ckpt: Checkpoint, key: str, roots: Optional[Sequence[PathLike]] = None) -> Optional[Path]:
+def metadata_path(ckpt: Checkpoint, key: str, roots: Optional[Sequence[PathLike]] = None) -> Optional[Path]:
     """A base/CLIP path named in our file's metadata, relative to the checkpoint's folder; with
     ``roots``, refused unless it lies inside one of them (written as stored, ``..`` resolved)."""
     value = ckpt.metadata.get(key)

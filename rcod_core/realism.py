@@ -55,8 +55,9 @@ def prepare_map(values: torch.Tensor, batch: int, size: tuple[int, int], name: s
     return m.expand(batch, -1, -1, -1).contiguous()
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with replicate padding; identity for sigma <= 0."""
+def gaussian_blur(x: torch.Tensor, sigma: float, padding: str = "replicate") -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W), radius ⌈3σ⌉, with ``padding`` (a ``F.pad`` mode:
+    replicate, reflect); identity for sigma <= 0."""
     if sigma <= 0:
         return x
     radius = max(1, int(math.ceil(3 * sigma)))
@@ -66,10 +67,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     c = x.shape[1]
     pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
     if pad_h < radius or pad_w < radius:  # tiny maps: shrink the kernel to what replicate allows
-        return gaussian_blur(x, sigma=min(pad_h, pad_w) / 3) if min(pad_h, pad_w) > 0 else x
-    x = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+        return gaussian_blur(x, sigma=min(pad_h, pad_w) / 3, padding=padding) if min(pad_h, pad_w) > 0 else x
+    x = F.pad(x, (radius, radius, 0, 0), mode=padding)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
+    x = F.pad(x, (0, 0, radius, radius), mode=padding)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 

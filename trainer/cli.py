@@ -21,13 +21,18 @@ import torch
 from . import config as config_mod
 
 
-def _load_config(args) -> dict:
+def _overrides(args) -> Optional[dict]:
+    """``--output`` / ``--max-steps`` as config overrides (train and pretrain)."""
     overrides: dict = {}
     if getattr(args, "output", None):
         overrides["output_dir"] = os.path.abspath(args.output)
     if getattr(args, "max_steps", None) is not None:
         overrides["train"] = {"max_steps": int(args.max_steps)}
-    return config_mod.load(args.config, overrides or None)
+    return overrides or None
+
+
+def _load_config(args) -> dict:
+    return config_mod.load(args.config, _overrides(args))
 
 
 @torch.no_grad()
@@ -76,6 +81,8 @@ def degrade_folder(hr: str, out: str, severity: str, scale: int = 4, crop: int =
     generator); returns counts and the settings."""
     from PIL import Image
 
+    from rcod_core.tools.metrics import to_uint8_hwc
+
     from .data import generator
     from .pretrain import validation_crops
     from .realesrgan import RealESRGANDegradation, severity_config
@@ -90,8 +97,7 @@ def degrade_folder(hr: str, out: str, severity: str, scale: int = 4, crop: int =
     for i, img in enumerate(crops):
         lr = degrade(img[None], [generator(seed, i, 97)])[0]
         for key, x in (("hr", img), ("lr", lr)):
-            arr = (x.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-            Image.fromarray(arr).save(folders[key] / f"{i:03d}.png")
+            Image.fromarray(to_uint8_hwc(x)).save(folders[key] / f"{i:03d}.png")
     return {"pairs": len(crops), "severity": severity, "scale": scale, "crop": crop}
 
 
@@ -103,10 +109,10 @@ def package_model(checkpoint: str, out: str, sources: Optional[str] = None, over
     import shutil
 
     from rcod_core.checkpoints import load_checkpoint, save_checkpoint
-    from rcod_core.loader import _metadata_path
+    from rcod_core.loader import metadata_path
 
     ckpt = load_checkpoint(checkpoint)
-    base, clip = _metadata_path(ckpt, "base"), _metadata_path(ckpt, "clip")
+    base, clip = metadata_path(ckpt, "base"), metadata_path(ckpt, "clip")
     if base is None or not Path(base).is_dir():
         raise config_mod.ConfigError(f"{checkpoint}: its metadata names no base folder to package (base={base})")
     target = Path(out)
@@ -182,12 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "pretrain":
             from . import pretrain
 
-            overrides: dict = {}
-            if args.output:
-                overrides["output_dir"] = os.path.abspath(args.output)
-            if args.max_steps is not None:
-                overrides["train"] = {"max_steps": int(args.max_steps)}
-            summary = pretrain.run(pretrain.load_config(args.config, overrides or None))
+            summary = pretrain.run(pretrain.load_config(args.config, _overrides(args)))
             print(json.dumps({"done": {k: v for k, v in summary.items() if k != "curve"}}))
             return 0
         cfg = _load_config(args)

@@ -698,6 +698,7 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
     from ..loader import load_pipeline
 
     entries = []
+    stems = [Path(m).stem for m in args.model]
     for model in args.model:
         demo, path = is_demo(model), resolve_model(model)
         if not Path(path).is_file():
@@ -707,7 +708,6 @@ def model_entries(args: argparse.Namespace, device: torch.device, dtype: torch.d
             return load_pipeline(model, base=args.base, clip=args.clip, extras=args.extra or (), device=device,
                                  dtype=dtype, prompt=args.prompt)
 
-        stems = [Path(m).stem for m in args.model]
         # two files of one name (runs' model.safetensors): name them by their folders too
         name = "demo (built-in)" if demo else (Path(model).stem if stems.count(Path(model).stem) == 1
                                                  else f"{Path(model).parent.name}/{Path(model).stem}")
