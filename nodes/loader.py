@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .common import CATEGORY, MODEL, folders, model_dirs, model_files, model_management, node_errors, resolve_model
+from .managed import manage
 
 AUTO = "auto (from checkpoint)"
 NONE = "none"
@@ -21,6 +22,14 @@ DEMO = "demo (built-in)"
 #: memory is released instead of being pinned here
 _cache: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 log = logging.getLogger("rcod")
+
+
+def offload_device(load_device: torch.device) -> torch.device:
+    """Where ComfyUI keeps a model's weights while it is not in use (its ``unet_offload_device``:
+    CPU, or the GPU itself with ``--highvram`` / ``--gpu-only``); the load device itself when it is the CPU."""
+    if load_device.type == "cpu" or not hasattr(model_management, "unet_offload_device"):
+        return load_device
+    return torch.device(model_management.unet_offload_device())
 
 
 def base_choices() -> list[str]:
@@ -92,13 +101,6 @@ def _auto(model_path: str, key: str, kinds: tuple[str, ...], markers: dict[str, 
     stored = _named_in_file(model_path, key)
     return find_by_name(stored, kinds, markers) if stored else None
 
-
-def _size(path) -> int:
-    if path is None:
-        return 0
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def _stamp(path) -> tuple:
@@ -195,10 +197,12 @@ class RCODModelLoader:
             cached = _cache.get(key)
             if cached is not None:
                 return (cached,)
-            model_management.free_memory(sum(_size(p) for p in (model_path, *extras, base_path, clip_path)), torch_device)
-            pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=torch_device,
+            # as ComfyUI's loaders do: weights on the offload device; the ModelPatcher moves them to
+            # the load device when a node runs the model (managed.use) and back when ComfyUI needs room
+            offload = offload_device(torch_device)
+            pipe = load_pipeline(model_path, base=base_path, clip=clip_path, extras=extras, device=offload,
                                  dtype=torch_dtype, vae_dtype=vae_dtype, metadata_roots=roots)
-            model_management.soft_empty_cache()
+            manage(pipe, torch_device, offload)
         _cache[key] = pipe
         log.info("RCOD: loaded %s (%s) on %s, %s", checkpoint, pipe.spec.kind, torch_device, torch_dtype)
         return (pipe,)

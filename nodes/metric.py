@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from .common import CATEGORY, MODEL, node_errors, to_bchw, ui_values
+from .managed import image_pixels, use
 
 
 class RCODLatentMetric:
@@ -33,6 +34,7 @@ class RCODLatentMetric:
 
     def measure(self, rcod_model, image, hr_image=None):
         with node_errors("RCOD Latent Metric"):
+            use(rcod_model, image_pixels(image if hr_image is None else hr_image))
             lr = to_bchw(image)
             true = rcod_model.true_metric(lr, to_bchw(hr_image)) if hr_image is not None else None
             if rcod_model.has_mem or true is None:  # no MEM and no HR: rcod_core's error says what is needed

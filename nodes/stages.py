@@ -15,6 +15,7 @@ import torch
 
 from .common import (CATEGORY, LATENT_KEY, MODEL, PROMPT, Progress, node_errors, realism_inputs, realism_value,
                      to_bchw, to_bhwc, ui_values, x0_value)
+from .managed import image_pixels, latent_pixels, use
 
 RESAMPLERS = ("bicubic", "bilinear", "nearest", "area")
 
@@ -98,6 +99,7 @@ class RCODVisualPrompt:
             if rcod_model.prompt_encoder is None:
                 raise ValueError(f"this {rcod_model.spec.kind} model is text-conditioned and has no VPIM: the image would "
                                  f"be ignored; use an RCOD_O or RCOD_S model")
+            use(rcod_model)
             return (rcod_model.prompt(to_bchw(image)).detach().cpu(),)
 
 
@@ -123,6 +125,7 @@ class RCODEncode:
     def encode(self, rcod_model, image, scale=4.0, resampler="bicubic"):
         pbar = Progress(1)
         with node_errors("RCOD Encode"):
+            use(rcod_model, image_pixels(image, scale))
             p = rcod_model.prepare(to_bchw(image), scale=scale, resampler=resampler, progress=pbar,
                                     cancel=pbar.cancel)
         pbar(1, 1)
@@ -169,6 +172,7 @@ class RCODDenoise:
         node = "RCOD One-Step Denoise"
         pbar = Progress(1)
         with node_errors(node):
+            use(rcod_model, latent_pixels(rcod_model, latent["samples"]))
             prepared = prepared_from_latent(rcod_model, latent, node, pbar, image=image, prompt=prompt)
             prepared = rcod_model.with_tokens(prepared, prompt)
             realism = realism_value(preset, t)
@@ -207,6 +211,7 @@ class RCODDecode:
             z = _finite(latent["samples"], "RCOD Decode")
             info = latent.get(LATENT_KEY)
             pbar.cancel()  # an interrupt before the decoder runs
+            use(rcod_model, latent_pixels(rcod_model, z))
             images = rcod_model.decode(scale_latent(rcod_model.vae, z))
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]

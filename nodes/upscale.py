@@ -6,6 +6,7 @@ import torch
 
 from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, realism_value, to_bchw, to_bhwc,
                      ui_values, x0_value)
+from .managed import image_pixels, use
 from .stages import RESAMPLERS
 
 from rcod_core.release import PROCESSINGS
@@ -58,6 +59,7 @@ class RCODUpscale:
                 tile_size=64, tile_overlap=16, color_fix="none", mask=None, mask_t0=250, processing="ours", seed=0):
         pbar = Progress(1)
         with node_errors("RCOD Upscale"):
+            use(rcod_model, image_pixels(image, scale) if tiling == "none" else 0)
             realism = realism_value(preset, t)
             kwargs = {"mask": mask, "mask_timesteps": (int(mask_t0), realism)} if mask is not None else {}
             if processing == "release":
@@ -102,6 +104,7 @@ class RCODRealismSweep:
               resampler="bicubic"):
         pbar = Progress(1)
         with node_errors("RCOD Realism Sweep"):
+            use(rcod_model, image_pixels(image, scale))
             values = [v.strip() for v in str(timesteps).split(",") if v.strip()]
             out = rcod_model.sweep(to_bchw(image), timesteps=values, x0_mode=x0_value(x0_mode), scale=scale,
                                    resampler=resampler, progress=pbar, cancel=pbar.cancel)

@@ -85,7 +85,7 @@ def server():
         shutil.rmtree(SCRATCH / sub, ignore_errors=True)
         (SCRATCH / sub).mkdir(parents=True)
     install_tiny_models(SCRATCH / "models", ROOT / ".comfyui" / "tiny-set")
-    shutil.copy(ROOT / "rcod_core" / "assets" / "astronaut_lr96.png", SCRATCH / "input")
+    # the input folder starts empty: the extension itself puts the workflows' example image there
     yaml = SCRATCH / "extra_model_paths.yaml"
     yaml.write_text(f"rcod_e2e:\n  base_path: {SCRATCH / 'models'}\n  checkpoints: checkpoints\n"
                     f"  diffusers: diffusers\n  clip_vision: clip_vision\n  rcod: rcod\n")
@@ -104,8 +104,11 @@ def server():
     for flag, value in (("--disable-api-nodes", None), ("--user-directory", str(SCRATCH / "user"))):
         if flag in help_text:
             args += [flag] + ([value] if value else [])
+    # glibc returns freed blocks above this size to the system at once (without it the threshold grows
+    # and freed weights stay in the heap), so the process's RSS shows what a test frees
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=TREE, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=TREE, stdout=out, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log, SCRATCH / "output")
     try:
         end = time.time() + 180
