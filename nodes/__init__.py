@@ -1,12 +1,13 @@
 """ComfyUI nodes of the RCOD extension (classic node API). Each node is a thin wrapper over rcod_core."""
 
-from .common import register_rcod_folder
+from .common import install_example_image, register_rcod_folder
 from .loader import RCODModelLoader
 from .metric import RCODLatentMetric
 from .stages import RCODDecode, RCODDenoise, RCODEncode, RCODVisualPrompt
 from .upscale import RCODRealismSweep, RCODUpscale
 
 register_rcod_folder()
+install_example_image()
 
 NODE_CLASS_MAPPINGS = {
     "RCODModelLoader": RCODModelLoader,

@@ -92,6 +92,33 @@ def resolve_model(kind: str, name: str, what: str) -> str:
     raise ValueError(f"{what} {name!r} not found in the '{kind}' model folders {roots}")
 
 
+#: the example LR image the shipped workflows load (copied from rcod_core/assets into ComfyUI's input folder)
+EXAMPLE_IMAGE = "rcod_astronaut_lr96.png"
+
+
+def install_example_image() -> Optional[str]:
+    """Put the shipped workflows' input image where LoadImage finds it: ComfyUI's input folder.
+
+    Copied once, only when no file of that name is there (a user's file is never replaced); a
+    read-only input folder is logged and skipped. Returns the path, or None when not installed."""
+    import logging
+    import shutil
+
+    from rcod_core.demo import EXAMPLE_LR
+
+    log = logging.getLogger("rcod")
+    try:
+        target = os.path.join(folder_paths.get_input_directory(), EXAMPLE_IMAGE)
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(EXAMPLE_LR, target)
+            log.info("RCOD: example image %s copied into ComfyUI's input folder", EXAMPLE_IMAGE)
+        return target
+    except (OSError, AttributeError) as exc:
+        log.warning("RCOD: example image not installed in the input folder: %s", exc)
+        return None
+
+
 # -- images ---------------------------------------------------------------------------------------
 
 def to_bchw(image: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from typing import Union
 DEMO_NAME = "demo"
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_CHECKPOINT = DEMO_DIR / "model.safetensors"
+#: a 96 px LR photo (scikit-image's astronaut, public domain, downscaled) for examples and workflows
+EXAMPLE_LR = Path(__file__).parent / "assets" / "astronaut_lr96.png"
 
 
 def is_demo(model: Union[str, os.PathLike, None]) -> bool:

@@ -300,3 +300,14 @@ def test_bicubic_baseline_scores_the_same_image_at_every_t(tmp_path):
     up = BicubicBaseline().sweep(lr, timesteps=[250], scale=4).images[0]
     ref = torch.nn.functional.interpolate(lr, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
     assert torch.equal(up, ref)
+
+
+def test_demo_source_falls_back_to_the_shipped_photo(monkeypatch):
+    import sys
+
+    from rcod_core.tools.evaluate import demo_source
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as if scikit-image were not installed
+    image, name = demo_source()
+    assert name == "astronaut_lr96.png" and tuple(image.shape) == (1, 3, 96, 96)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0.05

@@ -57,6 +57,7 @@ def _fake_comfy(models_dir: Path) -> dict:
         return sorted(set(out))
 
     fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
+    fp.get_input_directory = lambda: str(models_dir.parent / "input")
     comfy = types.ModuleType("comfy")
     mm = types.ModuleType("comfy.model_management")
     mm.calls = []
@@ -75,10 +76,27 @@ def _fake_comfy(models_dir: Path) -> dict:
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.free_memory = lambda size, device, keep_loaded=(): mm.calls.append(("free_memory", size, str(device)))
     mm.soft_empty_cache = lambda force=False: mm.calls.append(("soft_empty_cache",))
+    mm.unet_offload_device = lambda: torch.device("cpu")
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        mm.calls.append(("load_models_gpu", models, memory_required, force_full_load))
+
+    mm.load_models_gpu = load_models_gpu
+    patcher_mod = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:  # what the loader hands its model to (ComfyUI's signature)
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            model.device = offload_device  # ComfyUI writes these on the module
+            model.model_loaded_weight_memory = 0
+
+    patcher_mod.ModelPatcher = ModelPatcher
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = FakeProgressBar
-    comfy.model_management, comfy.utils = mm, utils
-    return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils}
+    comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher_mod
+    return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
+            "comfy.model_patcher": patcher_mod}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +148,19 @@ def lr():
     return torch.rand(2, 24, 32, 3, generator=g)  # BHWC, not square, not a multiple of 8
 
 
+def test_example_image_is_installed_for_load_image_and_a_users_file_is_kept(ext):
+    from rcod_core.demo import EXAMPLE_LR
+
+    common = sys.modules[ext.__name__ + ".nodes.common"]
+    target = Path(ext.fakes["folder_paths"].get_input_directory()) / common.EXAMPLE_IMAGE
+    assert target.read_bytes() == EXAMPLE_LR.read_bytes()  # copied when the extension was imported
+    target.write_bytes(b"a user's own file")
+    assert common.install_example_image() == str(target)
+    assert target.read_bytes() == b"a user's own file"  # never replaced
+    target.unlink()
+    assert common.install_example_image() == str(target) and target.read_bytes() == EXAMPLE_LR.read_bytes()
+
+
 def test_registration_and_widgets(ext):
     assert ext.WEB_DIRECTORY == "./web"
     assert set(ext.NODE_CLASS_MAPPINGS) == set(ext.NODE_DISPLAY_NAME_MAPPINGS)
@@ -160,8 +191,27 @@ def test_loader_caches_and_uses_model_management(ext, rcod_o):
     single = load(ext, base="checkpoints/base-sd21.safetensors", clip="clip_vision/clip-vision.safetensors")
     assert single is not rcod_o and single.spec.kind == "rcod_o"
     assert load(ext) is rcod_o  # still cached (two entries)
-    names = [c[0] for c in ext.fakes["comfy.model_management"].calls]
-    assert "free_memory" in names and "soft_empty_cache" in names
+
+
+def test_every_node_lets_comfyui_load_the_model_first(ext, rcod_o, lr):
+    """The model is held by a ModelPatcher, and each node calls load_models_gpu with it before it
+    runs (room for the output's activations, whole-model loads)."""
+    managed = sys.modules[ext.__name__ + ".nodes.managed"]
+    patcher = rcod_o.comfy_patcher
+    assert isinstance(patcher.model, managed.ManagedRCOD) and patcher.model.rcod is rcod_o.model
+    assert patcher.model.device == torch.device("cpu") and rcod_o.device == torch.device("cpu")
+    calls = ext.fakes["comfy.model_management"].calls
+    calls.clear()
+    (up, _) = node(ext, "RCODUpscale").upscale(rcod_o, lr, scale=2.0, tiling="none")["result"]
+    latent = node(ext, "RCODEncode").encode(rcod_o, lr, scale=2.0)[0]
+    den = node(ext, "RCODDenoise").denoise(rcod_o, latent)["result"][0]
+    node(ext, "RCODDecode").decode(rcod_o, den)
+    node(ext, "RCODVisualPrompt").encode(rcod_o, lr)
+    loads = [c for c in calls if c[0] == "load_models_gpu"]
+    assert len(loads) == 5 and all(c[1] == [patcher] and c[3] is True for c in loads)
+    pixels = 2 * 48 * 64  # batch 2, 24x32 at x2
+    assert loads[0][2] == pixels * managed.ACTIVATION_BYTES_PER_PX and tuple(up.shape) == (2, 48, 64, 3)
+    assert loads[4][2] == 0  # CLIP only
 
 
 def test_loader_does_not_pin_models_comfyui_has_dropped(ext):

@@ -592,8 +592,9 @@ def demo_source() -> tuple[torch.Tensor, str]:
 
         return torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1)[None].float() / 255.0, "skimage astronaut"
     except Exception:  # noqa: BLE001 - optional
-        asset = Path(__file__).parent / "assets" / "astronaut_lr96.png"
-        return load_image(asset).rgb, asset.name
+        from ..demo import EXAMPLE_LR
+
+        return load_image(EXAMPLE_LR).rgb, EXAMPLE_LR.name
 
 
 def make_synthetic_pairs(lr_dir: PathLike, hr_dir: PathLike, hr_size: int = 128, count: int = 3,

@@ -3,9 +3,13 @@
     python tests/e2e/build_workflows.py          # rewrite
     python tests/e2e/build_workflows.py --check  # exit 1 when a file differs (run by the e2e tests)
 
-Every workflow names the files that `rcod make-tiny` writes, placed as tests/e2e/tiny_models.py
-places them, and LoadImage reads astronaut_lr96.png (rcod_core/assets) from ComfyUI's input folder.
-Real use: pick your real checkpoint, base and CLIP in the loader's combos.
+The workflows run as shared: LoadImage reads rcod_astronaut_lr96.png, which the extension puts
+into ComfyUI's input folder; the RCOD_O workflows use the built-in demo model (nothing to
+download); the others name the weights users download by their usual file names, list them in the
+workflow's `models` metadata (name, URL, folder) so the frontend offers the missing ones, and say
+in a Note node where each file goes. The end-to-end tests install the tiny model set under those
+names (tests/e2e/tiny_models.py). Nodes are laid out in columns by depth, below the frontend's
+top bar, without overlap.
 """
 
 from __future__ import annotations
@@ -16,7 +20,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "workflows"
-IMAGE = "astronaut_lr96.png"
+IMAGE = "rcod_astronaut_lr96.png"  # nodes/common.py EXAMPLE_IMAGE
+AUTO = "auto (from checkpoint)"
+DEMO = "demo (built-in)"
+
+# the bases and CLIP by the names users download them under (see MODELS for the files' sources)
+SD21_FILE = "checkpoints/v2-1_512-ema-pruned.safetensors"
+SD21_DIR = "diffusers/stable-diffusion-2-1-base"  # OSEDiff needs the text encoder: the diffusers folder
+TURBO_FILE = "checkpoints/sd_turbo.safetensors"
+CLIP_FILE = "clip_vision/clip-vit-large-patch14.safetensors"
+#: files the frontend can offer for download, in the workflow's top-level ``models`` list (it takes
+#: .safetensors from huggingface.co only; the .pkl checkpoints and diffusers folders are described in
+#: each workflow's Note instead). ``name`` is the file name inside ``directory``, which is how the
+#: frontend checks whether the file is there (per-node entries would have to repeat the loader's
+#: folder-prefixed widget value, which that check never finds). SD 2.1-base's single file is left
+#: out because its official repository is gone.
+MODELS = {
+    TURBO_FILE: {"name": "sd_turbo.safetensors", "directory": "checkpoints",
+                 "url": "https://huggingface.co/stabilityai/sd-turbo/resolve/main/sd_turbo.safetensors"},
+    CLIP_FILE: {"name": "clip-vit-large-patch14.safetensors", "directory": "clip_vision",
+                "url": "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main/model.safetensors"},
+}
 
 # node type → (connection inputs [(name, type)], widget names in order, outputs [(name, type)])
 SPEC = {
@@ -41,11 +65,28 @@ SPEC = {
                     [("image", "IMAGE"), ("t", "INT")]),
     "RCODRealismSweep": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")],
                          ["timesteps", "scale", "x0_mode", "resampler"], [("IMAGE", "IMAGE")]),
+    "Note": ([], ["text"], []),
 }
 NOT_IN_API = {"upload"}  # UI-only widgets
+VIRTUAL = {"Note"}  # frontend-only nodes: not in the API format
+#: node heights in the UI (px): enough for the widgets, LoadImage with its preview
+HEIGHT = {"LoadImage": 400, "RCODModelLoader": 230, "RCODUpscale": 360, "RCODDenoise": 210, "RCODEncode": 130,
+          "RCODRealismSweep": 190, "Note": 200, "SaveImage": 300, "PreviewImage": 300}
+WIDTH = 340
+TOP, LEFT, GAP_X, GAP_Y = 0, 0, 60, 60
+#: where the graph's top-left corner opens on screen (px): right of the side bar (60 px) and below the
+#: menu, tab and breadcrumb bars (about 130 px in frontend 1.32)
+SCREEN_ORIGIN = (80, 170)
+#: the graph is zoomed (at most 0.8) to fit this much screen (px): a 1600x1000 view less the bars and the
+#: minimap in the bottom-right corner
+FIT = (1250, 740)
 
 
-def loader(checkpoint, base, clip="clip_vision/clip-vision", mem="none"):
+def note(text):
+    return ("Note", {"text": text}, {})
+
+
+def loader(checkpoint, base=AUTO, clip=AUTO, mem="none"):
     return ("RCODModelLoader", dict(checkpoint=checkpoint, base=base, clip_vision=clip, dtype="auto", device="auto",
                                     mem=mem), {})
 
@@ -77,17 +118,20 @@ def save(image, prefix):
     return ("SaveImage", {"filename_prefix": prefix}, {"images": image})
 
 
-RCOD_O = ("rcod_o.pkl", "diffusers/base-sd21")
+RCOD_S_NOTE = ("RCOD_S: put the RCOD_S checkpoint (the authors' release, or one trained with rcod-train) in "
+               "models/rcod. Base: SD-Turbo, sd_turbo.safetensors in models/checkpoints. CLIP vision: "
+               "clip-vit-large-patch14.safetensors (OpenAI's model.safetensors) in models/clip_vision. "
+               "The workflow's model list lets the frontend download the base and CLIP.")
 WORKFLOWS = {
     "rcod_basic_x4": {
         1: load_image(),
-        2: loader(*RCOD_O),
+        2: loader(DEMO),
         3: upscale(2, (1, 0)),
         4: save((3, 0), "rcod_basic_x4"),
     },
-    "rcod_presets_side_by_side": {  # encode once, three timesteps; single-file base
+    "rcod_presets_side_by_side": {  # encode once, three timesteps
         1: load_image(),
-        2: loader("rcod_o.pkl", "checkpoints/base-sd21.safetensors"),
+        2: loader(DEMO),
         3: ("RCODEncode", dict(scale=4.0, resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
         4: ("RCODVisualPrompt", {}, {"rcod_model": (2, 0), "image": (1, 0)}),
         5: denoise(2, 3, "Fidelity", 250, prompt=4),
@@ -102,7 +146,7 @@ WORKFLOWS = {
     },
     "rcod_realism_sweep_grid": {
         1: load_image(),
-        2: loader(*RCOD_O),
+        2: loader(DEMO),
         3: ("RCODRealismSweep", dict(timesteps="250,500,750", scale=4.0, x0_mode="model default",
                                      resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
         4: ("PreviewImage", {}, {"images": (3, 0)}),
@@ -110,16 +154,18 @@ WORKFLOWS = {
     },
     "rcod_adaptive_realism": {  # RCOD_S with MEM: M_L and t shown on the nodes
         1: load_image(),
-        2: loader("rcod_s.safetensors", "diffusers/base-sd-turbo"),
+        2: loader("rcod_s.safetensors", TURBO_FILE, CLIP_FILE),
         3: ("RCODLatentMetric", {}, {"rcod_model": (2, 0), "image": (1, 0)}),
         4: ("RCODEncode", dict(scale=4.0, resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
         5: denoise(2, 4, "Adaptive", 500),
         6: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (5, 0)}),
         7: save((6, 0), "rcod_adaptive"),
+        8: note(RCOD_S_NOTE + " Adaptive realism needs the MEM (inside an rcod_s.safetensors, or its own file "
+                "in the loader's mem widget)."),
     },
     "rcod_spatial_realism_mask": {  # left half Fidelity (mask 0), right half Realism (mask 1)
         1: load_image(),
-        2: loader(*RCOD_O),
+        2: loader(DEMO),
         3: ("SolidMask", dict(value=0.0, width=384, height=384), {}),
         4: ("SolidMask", dict(value=1.0, width=192, height=384), {}),
         5: ("MaskComposite", dict(x=192, y=0, operation="add"), {"destination": (3, 0), "source": (4, 0)}),
@@ -130,22 +176,27 @@ WORKFLOWS = {
     },
     "rcod_large_image_tiled": {  # a classical 2x first, then RCOD 2x in latent tiles
         1: load_image(),
-        2: loader(*RCOD_O),
+        2: loader(DEMO),
         3: ("ImageScaleBy", dict(upscale_method="lanczos", scale_by=2.0), {"image": (1, 0)}),
         4: upscale(2, (3, 0), "Neutral", 500, scale=2.0, tiling="custom", tile_size=16, tile_overlap=8),
         5: save((4, 0), "rcod_tiled"),
     },
     "rcod_s_x4": {  # official RCOD_S pickle + separate MEM file; de_net.pth beside it is found automatically
         1: load_image(),
-        2: loader("rcod_s.pkl", "diffusers/base-sd-turbo", "clip_vision/clip-vision.safetensors", "rcod_s_mem.pkl"),
+        2: loader("rcod_s.pkl", TURBO_FILE, CLIP_FILE, "rcod_s_mem.pkl"),
         3: upscale(2, (1, 0), "Realism", 750),
         4: save((3, 0), "rcod_s_x4"),
+        5: note(RCOD_S_NOTE + " The official RCOD_S pickle needs S3Diff's de_net.pth beside it in models/rcod."),
     },
     "rcod_osediff_x4": {  # OSEDiff through the same nodes (text-conditioned: diffusers base; t fixed at 999)
         1: load_image(),
-        2: loader("osediff.pkl", "diffusers/base-sd21"),
+        2: loader("osediff.pkl", SD21_DIR),
         3: upscale(2, (1, 0)),
         4: save((3, 0), "rcod_osediff_x4"),
+        5: note("OSEDiff: osediff.pkl (the OSEDiff release) in models/rcod. It is text-conditioned, so its base "
+                "must be the diffusers folder of SD 2.1-base with its text encoder: models/diffusers/"
+                "stable-diffusion-2-1-base (huggingface-cli download stabilityai/stable-diffusion-2-1-base "
+                "--local-dir ...)."),
     },
 }
 
@@ -153,6 +204,8 @@ WORKFLOWS = {
 def api_format(nodes: dict) -> dict:
     out = {}
     for nid, (kind, widgets, links) in nodes.items():
+        if kind in VIRTUAL:
+            continue
         inputs = {k: v for k, v in widgets.items() if k not in NOT_IN_API}
         inputs.update({k: [str(src), slot] for k, (src, slot) in links.items()})
         out[str(nid)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": kind}}
@@ -181,10 +234,11 @@ def ui_format(nodes: dict) -> dict:
     for order, (nid, (kind, widgets, _)) in enumerate(sorted(nodes.items(), key=lambda kv: (depth[kv[0]], kv[0]))):
         conn_in, widget_names, outs = SPEC[kind]
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        y = rows.get(col, TOP)
+        height = HEIGHT.get(kind, 160)
+        rows[col] = y + height + GAP_Y
         node = {
-            "id": nid, "type": kind, "pos": [40 + 380 * col, 40 + 330 * row], "size": [340, 280],
+            "id": nid, "type": kind, "pos": [LEFT + (WIDTH + GAP_X) * col, y], "size": [WIDTH, height],
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": n, "type": t, "link": by_target.get((nid, i))} for i, (n, t) in enumerate(conn_in)],
             "outputs": [{"name": n, "type": t, "links": outputs[nid][i] or None, "slot_index": i}
@@ -193,8 +247,29 @@ def ui_format(nodes: dict) -> dict:
             "widgets_values": [widgets[w] for w in widget_names],
         }
         ui_nodes.append(node)
-    return {"last_node_id": max(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+    right = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    bottom = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    scale = round(min(0.8, FIT[0] / right, FIT[1] / bottom), 3)
+    # the frontend draws graph point p at (p + offset) * scale; the title bar sits above pos
+    offset = [round(SCREEN_ORIGIN[0] / scale, 1), round(SCREEN_ORIGIN[1] / scale, 1)]
+    graph = {"last_node_id": max(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+             "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": offset}}, "version": 0.4}
+    models = models_of(nodes)
+    if models:
+        graph["models"] = models
+    return graph
+
+
+def models_of(nodes: dict) -> list[dict]:
+    """The frontend's ``models`` list: each downloadable file a loader names, with its URL and folder."""
+    out = []
+    for kind, widgets, _ in nodes.values():
+        if kind != "RCODModelLoader":
+            continue
+        for value in (widgets["base"], widgets["clip_vision"]):
+            if value in MODELS and MODELS[value] not in out:
+                out.append(MODELS[value])
+    return out
 
 
 def render() -> dict[str, str]:

@@ -104,6 +104,61 @@ def test_ui_workflow_loads(page, server, path):
     assert not real_errors(page), page.errors
 
 
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_opens_fully_visible_without_overlap(page, path):
+    """Opened as shared (the view saved in the file), every node lies on the canvas: no corner under the
+    menu or tab bars or off screen, and no two nodes overlap."""
+    graph = json.loads(path.read_text())
+    page.evaluate("async (g) => { await window.app.loadGraphData(g); window.app.canvas.setDirty(true, true); }", graph)
+    page.wait_for_timeout(800)
+    close_dialogs(page)
+    info = page.evaluate("""() => {
+        const c = window.app.canvas, ds = c.ds, el = c.canvas, r = el.getBoundingClientRect();
+        const nodes = window.app.graph._nodes || window.app.graph.nodes;
+        return {scale: ds.scale, nodes: nodes.map(n => {
+            const b = Array.from(n.getBounding());
+            const corners = [[b[0] + 6, b[1] + 6], [b[0] + b[2] - 6, b[1] + 6], [b[0] + 6, b[1] + b[3] - 6],
+                             [b[0] + b[2] - 6, b[1] + b[3] - 6]];
+            const screen = corners.map(([x, y]) => [r.left + (x + ds.offset[0]) * ds.scale, r.top + (y + ds.offset[1]) * ds.scale]);
+            return {id: n.id, type: n.type, box: b, screen,
+                    covered: screen.map(([x, y]) => {
+                        const e = document.elementFromPoint(x, y);
+                        return e === el ? null : (e ? `${e.tagName}.${e.className}`.slice(0, 80) : "off screen");
+                    })};
+        })};
+    }""")
+    assert info["scale"] == pytest.approx(graph["extra"]["ds"]["scale"], abs=1e-3)  # the saved view was restored
+    for n in info["nodes"]:
+        assert not any(n["covered"]), (path.name, n["type"], n["screen"], n["covered"])  # what covers each corner
+    boxes = [(n["type"], n["box"]) for n in info["nodes"]]
+    for i, (ta, a) in enumerate(boxes):
+        for tb, b in boxes[i + 1:]:
+            apart = a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1]
+            assert apart, (path.name, ta, a, tb, b)
+    page.screenshot(path=str(ARTIFACTS / f"ui_open_{path.stem}.png"))
+
+
+def test_frontend_offers_a_missing_model_from_the_workflows_list(page):
+    """The workflow's ``models`` list is in the form the frontend reads: a file that is not installed
+    is shown in its missing-models dialog with its folder (the installed ones are not)."""
+    graph = json.loads((ROOT / "workflows" / "rcod_s_x4.json").read_text())
+    assert {m["directory"] for m in graph["models"]} == {"checkpoints", "clip_vision"}
+    graph["models"][0] = {**graph["models"][0], "name": "not_installed_here.safetensors"}
+    before = len(page.errors)
+    page.evaluate("async (g) => { await window.app.loadGraphData(g); }", graph)
+    text = ""
+    end = time.time() + 20
+    while time.time() < end and "not_installed_here" not in text:
+        page.wait_for_timeout(300)
+        text = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n')")
+    page.screenshot(path=str(ARTIFACTS / "ui_missing_model.png"))
+    close_dialogs(page)
+    # offline, the dialog's size probe of the huggingface URL is refused by the page's own CSP
+    del page.errors[before:]
+    assert "not_installed_here.safetensors" in text, text
+    assert "clip-vit-large-patch14" not in text  # installed (the tiny stand-in): not reported
+
+
 def test_preset_and_t_stay_in_sync(page):
     graph = json.loads((ROOT / "workflows" / "rcod_presets_side_by_side.json").read_text())
     load_graph(page, graph)
