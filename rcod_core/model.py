@@ -199,8 +199,15 @@ class RCODModel(nn.Module):
 
     def to_channels_last(self) -> "RCODModel":
         """channels_last memory for the convolution-heavy UNet and VAE."""
-        self.unet.to(memory_format=torch.channels_last)
-        self.vae.to(memory_format=torch.channels_last)
+        return self.set_channels_last(True)
+
+    def set_channels_last(self, enabled: bool) -> "RCODModel":
+        """channels_last (``True``) or the default contiguous layout for the UNet's and VAE's weights.
+
+        Convolutions follow their weights' layout, so activations take the same one."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.unet.to(memory_format=fmt)
+        self.vae.to(memory_format=fmt)
         return self
 
     def compile(self, mode: str | None = None, **kwargs) -> "RCODModel":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import prefer_channels_last
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
 from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
@@ -108,9 +109,13 @@ class RCODPipeline:
         self.dtype = dtype
         self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype)
         model.place(device, dtype, self.vae_dtype)
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.to_channels_last()  # convolution-heavy: NHWC kernels are faster on GPUs
+        if prefer_channels_last(self.device, dtype):
+            self.to_channels_last()  # convolution-heavy: NHWC kernels where measured faster
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are now (they may be moved, e.g. by a host application's memory manager)."""
+        return self.model.device
 
     # the model's parts and settings, for callers that inspect or swap them
     spec: ModelSpec = property(lambda self: self.model.spec)  # type: ignore[assignment]
@@ -130,6 +135,11 @@ class RCODPipeline:
         self.model.unet = module
 
     # -- configuration -------------------------------------------------------------------------
+    def set_channels_last(self, enabled: bool) -> "RCODPipeline":
+        """channels_last (or the default layout) for the UNet and VAE; see :func:`~rcod_core.devices.prefer_channels_last`."""
+        self.model.set_channels_last(enabled)
+        return self
+
     def to_channels_last(self) -> "RCODPipeline":
         """Use channels_last memory for the convolution-heavy UNet and VAE (a GPU speed-up)."""
         self.model.to_channels_last()
@@ -478,8 +488,7 @@ class RCODPipeline:
 
     def to(self, device: torch.device | str) -> "RCODPipeline":
         """Move every module (e.g. offload to CPU between runs and back)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self.model.to(torch.device(device))
         return self
 
     @torch.no_grad()

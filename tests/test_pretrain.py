@@ -217,3 +217,15 @@ def test_cpu_bf16_is_chosen_from_the_cpu_flags(monkeypatch):
     assert devices.cpu_has_native_bf16()
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert not devices.cpu_has_native_bf16()
+
+
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
+    from rcod_core import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert devices.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert devices.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert devices.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice stands
+    assert devices.prefer_channels_last(torch.device("cuda"), torch.float16)
+    assert not devices.prefer_channels_last(torch.device("mps"), torch.float32)

@@ -47,11 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from ..build import assemble
+from ..devices import prefer_channels_last, resolve_dtype
 from ..models import build_models
 from ..imageops import resize
 from ..spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = (*DTYPES, "auto")
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
 STAGES = ("clip", "vae_enc", "unet", "vae_dec")
 SCALE = 4
@@ -154,6 +156,35 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (torch's FlopCounterMode: matmuls and convolutions, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def machine_rates(device: torch.device, dtype: torch.dtype, meter: "Meter") -> dict:
+    """The machine's measured rate (GFLOP/s) for a large matmul and a UNet-like 3x3 convolution."""
+    gen = torch.Generator().manual_seed(0)
+    n = 2048
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    x = torch.randn(1, 128, 128, 128, generator=gen).to(device, dtype)
+    w = torch.randn(128, 128, 3, 3, generator=gen).to(device, dtype)
+    rates = {}
+    with torch.no_grad():
+        mm = meter.measure(lambda: a @ b)
+        rates["matmul_gflops"] = 2 * n ** 3 / (mm["min_ms"] * 1e6)
+        conv_flops = 2 * 128 * 128 * 9 * 128 * 128
+        for name, layout in (("conv_gflops", torch.contiguous_format), ("conv_cl_gflops", torch.channels_last)):
+            xl, wl = x.contiguous(memory_format=layout), w.contiguous(memory_format=layout)
+            res = meter.measure(lambda: F.conv2d(xl, wl, padding=1))
+            rates[name] = conv_flops / (res["min_ms"] * 1e6)
+    return rates
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -250,7 +281,7 @@ def bench_baseline(base: PlainBaseline, lr: torch.Tensor, meter: Meter) -> tuple
     return {"stages": stages, "e2e": e2e}, out
 
 
-def bench_ours(pipe, lr: torch.Tensor, meter: Meter, warmup: int) -> tuple[dict, torch.Tensor]:
+def bench_ours(pipe, lr: torch.Tensor, meter: Meter, warmup: int, count: bool = False) -> tuple[dict, torch.Tensor]:
     out_hw = (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE)
     x = resize(lr, out_hw, "bicubic")
     timesteps = pipe.resolve_timesteps(REALISM, lr.shape[0])
@@ -268,6 +299,11 @@ def bench_ours(pipe, lr: torch.Tensor, meter: Meter, warmup: int) -> tuple[dict,
         "unet": meter.measure(lambda: pipe.denoise(z, tokens, timesteps), warmup=warmup),
         "vae_dec": meter.measure(lambda: pipe.decode(zh), warmup=warmup),
     }
+    if count:
+        fns = {"clip": lambda: pipe.prompt(x), "vae_enc": lambda: pipe.encode(x),
+               "unet": lambda: pipe.denoise(z, tokens, timesteps), "vae_dec": lambda: pipe.decode(zh)}
+        for name, fn in fns.items():
+            stages[name]["flops"] = count_flops(fn)
     if meter.mark_step is not None:
         meter.mark_step()
     out = pipe.run(lr, realism=REALISM, scale=SCALE).images.float().cpu()
@@ -337,13 +373,18 @@ def print_table(results: list[dict]) -> None:
         print(fmt(row))
 
 
+def _plain(label: str) -> str:
+    """``auto:bf16`` -> ``bf16``: the precision a label stands for."""
+    return label.split(":", 1)[-1]
+
+
 def ratios(results: list[dict]) -> list[dict]:
     out = []
     ok = [r for r in results if not r.get("error")]
     for r in ok:
         if r["impl"] != "ours":
             continue
-        base = [b for b in ok if b["impl"] == "baseline" and b["dtype"] == r["dtype"] and b["batch"] == r["batch"]]
+        base = [b for b in ok if b["impl"] == "baseline" and _plain(b["dtype"]) == _plain(r["dtype"]) and b["batch"] == r["batch"]]
         if not base:
             continue
         out.append({
@@ -351,6 +392,52 @@ def ratios(results: list[dict]) -> list[dict]:
             "baseline_e2e_ms": base[0]["e2e"]["median_ms"], "ours_e2e_ms": r["e2e"]["median_ms"],
             "speedup": base[0]["e2e"]["median_ms"] / r["e2e"]["median_ms"],
         })
+    return out
+
+
+def ratios_vs_fp32(results: list[dict]) -> list[dict]:
+    """Every configuration of ours against the fp32 baseline of the same batch (what a user had before)."""
+    ok = [r for r in results if not r.get("error")]
+    out = []
+    for r in ok:
+        if r["impl"] != "ours":
+            continue
+        base = [b for b in ok if b["impl"] == "baseline" and _plain(b["dtype"]) == "fp32" and b["batch"] == r["batch"]]
+        if base:
+            out.append({"dtype": r["dtype"], "batch": r["batch"], "compile": r["compile"],
+                        "channels_last": r.get("channels_last"), "baseline_fp32_e2e_ms": base[0]["e2e"]["median_ms"],
+                        "ours_e2e_ms": r["e2e"]["median_ms"], "speedup": base[0]["e2e"]["median_ms"] / r["e2e"]["median_ms"]})
+    return out
+
+
+def dtype_label(name: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """``auto`` resolved as the pipeline resolves it, labelled ``auto:bf16`` etc.; other names as given."""
+    if name == "auto":
+        dtype = resolve_dtype("auto", device)
+        return f"auto:{next(k for k, v in DTYPES.items() if v == dtype)}", dtype
+    return name, DTYPES[name]
+
+
+def flop_report(results: list[dict], rates: dict[str, dict]) -> list[dict]:
+    """Per stage of ours: GFLOP, GFLOP/s and the fraction of the machine's matmul and conv rates."""
+    out = []
+    for r in results:
+        if r.get("error") or r["impl"] != "ours" or r["dtype"] not in rates:
+            continue
+        rate = rates[r["dtype"]]
+        best_conv = max(rate["conv_gflops"], rate["conv_cl_gflops"])
+        for stage in (*STAGES, "e2e"):
+            if stage == "e2e":
+                flops = sum(r["stages"][s].get("flops", 0) for s in STAGES)
+                ms = r["e2e"]["median_ms"]
+            else:
+                flops, ms = r["stages"][stage].get("flops"), r["stages"][stage]["median_ms"]
+            if not flops:
+                continue
+            gflops = flops / (ms * 1e6)
+            out.append({"dtype": r["dtype"], "batch": r["batch"], "channels_last": r.get("channels_last"), "stage": stage,
+                        "gflop": flops / 1e9, "ms": ms, "gflops": gflops, "of_matmul": gflops / rate["matmul_gflops"],
+                        "of_conv": gflops / best_conv})
     return out
 
 
@@ -397,11 +484,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="output side in px (LR side = size / 4)")
     p.add_argument("--batch", default="1", help="batch size, or a comma list (e.g. 1,8) to check both GPU targets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: fp32 on CPU, fp16,bf16 on CUDA)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list of fp32,fp16,bf16,auto (auto: what the pipeline picks on this machine; "
+                        "default: fp32,auto on CPU, fp16,bf16 on CUDA)")
     p.add_argument("--compile", default=None,
                    help=f"comma list of torch.compile modes for ours: {', '.join(COMPILE_MODES)} "
                         "(default: none on CPU; none,max-autotune on CUDA)")
-    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="ours only; auto: on for CUDA")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off", "both"),
+                   help="ours only; auto: what the pipeline picks for the device and dtype; both: measure off and on")
+    p.add_argument("--flops", action="store_true",
+                   help="count each stage's FLOPs and measure the machine's matmul/conv rate, to report the fraction reached")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-warmup", type=int, default=3, help="minimum warmup calls for compiled configs (cudagraph recording)")
@@ -442,9 +534,8 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     if not batches or min(batches) < 1:
         raise SystemExit("--batch must list positive integers")
-    dtypes = parse_list(args.dtypes or ("fp16,bf16" if on_cuda else "fp32"), tuple(DTYPES), "dtypes")
+    dtypes = parse_list(args.dtypes or ("fp16,bf16" if on_cuda else "fp32,auto"), DTYPE_CHOICES, "dtypes")
     modes = parse_list(args.compile or ("none,max-autotune" if on_cuda else "none"), COMPILE_MODES, "compile")
-    channels_last = {"auto": on_cuda, "on": True, "off": False}[args.channels_last]
     if args.threads and not on_cuda:
         torch.set_num_threads(args.threads)
     if on_cuda:
@@ -462,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
         import diffusers, peft, transformers  # noqa: E401
         env.update(diffusers=diffusers.__version__, peft=peft.__version__, transformers=transformers.__version__)
     print(f"# bench_engine: family={args.family} LR {lr_side}x{lr_side} -> {args.size}x{args.size} (x{SCALE}), "
-          f"batches={batches}, dtypes={dtypes}, compile={modes}, channels_last(ours)={channels_last}, "
+          f"batches={batches}, dtypes={dtypes}, compile={modes}, channels_last(ours)={args.channels_last}, "
           f"repeats={args.repeats}, warmup={args.warmup}")
     print("# env: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
@@ -476,11 +567,19 @@ def run(args: argparse.Namespace) -> int:
         line = " | ".join(row_of(r))
         print(f"  -> {line}", flush=True)
 
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        ref_out: dict[int, torch.Tensor] = {}
+    layouts_of = {"on": (True,), "off": (False,), "both": (False, True)}
+    rates: dict[str, dict] = {}
+    seen_baseline: set = set()
+    ref_out: dict[tuple, torch.Tensor] = {}  # baseline output per (dtype, batch)
+    for dname_arg in dtypes:
+        dname, dtype = dtype_label(dname_arg, device)
+        layouts = layouts_of.get(args.channels_last) or (prefer_channels_last(device, dtype),)
+        if args.flops and dname not in rates:
+            rates[dname] = machine_rates(device, dtype, Meter(device, max(args.repeats, 3), 1, cudagraph_steps=False))
+            print(f"[{dname}] machine: " + ", ".join(f"{k} {v:.0f}" for k, v in rates[dname].items()), flush=True)
         # ---- baseline: unmerged peft LoRA, plain calls, eager ----
-        if not args.skip_baseline:
+        if not args.skip_baseline and dtype not in seen_baseline:
+            seen_baseline.add(dtype)
             print(f"[{dname}] building baseline (unmerged LoRA) ...", flush=True)
             t0 = time.perf_counter()
             try:
@@ -500,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
                     lr = lr_cpu[b].to(device)
                     try:
                         res, out = bench_baseline(baseline, lr, meter)
-                        ref_out[b] = out
+                        ref_out[dtype, b] = out
                         record({"impl": "baseline", "dtype": dname, "compile": "none", "channels_last": False,
                                 "batch": b, "build_s": build_s, **res})
                     except Exception as exc:  # noqa: BLE001
@@ -514,8 +613,6 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             pipe = build_pipeline(args.family, merge=True, device=device, dtype=dtype, seed=args.seed)
-            if channels_last:
-                pipe.to_channels_last()
             build_s = time.perf_counter() - t0
             print(f"[{dname}] ours built in {build_s:.1f} s", flush=True)
         except Exception as exc:  # noqa: BLE001
@@ -524,35 +621,38 @@ def run(args: argparse.Namespace) -> int:
                 for b in batches:
                     record({"impl": "ours", "dtype": dname, "compile": mode, "batch": b, "error": _first_line(exc)})
             continue
-        originals = Originals(pipe)
-        for mode in modes:
-            compiled = mode != "none"
-            for b in batches:
-                lr = lr_cpu[b].to(device)
-                cfg = {"impl": "ours", "dtype": dname, "compile": mode, "channels_last": channels_last, "batch": b}
-                try:
-                    originals.restore(pipe)
-                    if compiled:
-                        torch._dynamo.reset()
-                        pipe.compile(mode=mode, dynamic=False)
-                    meter = Meter(device, args.repeats, args.warmup, cudagraph_steps=compiled)
-                    warm = max(args.warmup, args.compile_warmup) if compiled else args.warmup
-                    res, out = bench_ours(pipe, lr, meter, warm)
-                    if b in ref_out:
-                        diff = (out - ref_out[b]).abs()
-                        res["max_abs_diff_vs_baseline"] = float(diff.max())
-                        res["mean_abs_diff_vs_baseline"] = float(diff.mean())
-                    res["build_s"] = build_s
-                    record({**cfg, **res})
-                except Exception as exc:  # noqa: BLE001
-                    traceback.print_exc()
-                    record({**cfg, "error": _first_line(exc)})
-                finally:
-                    originals.restore(pipe)
-                    if compiled:
-                        torch._dynamo.reset()
-                    _free(device)
-        del pipe, originals
+        for channels_last in layouts:
+            pipe.set_channels_last(channels_last)
+            originals = Originals(pipe)
+            for mode in modes:
+                compiled = mode != "none"
+                for b in batches:
+                    lr = lr_cpu[b].to(device)
+                    cfg = {"impl": "ours", "dtype": dname, "compile": mode, "channels_last": channels_last, "batch": b}
+                    try:
+                        originals.restore(pipe)
+                        if compiled:
+                            torch._dynamo.reset()
+                            pipe.compile(mode=mode, dynamic=False)
+                        meter = Meter(device, args.repeats, args.warmup, cudagraph_steps=compiled)
+                        warm = max(args.warmup, args.compile_warmup) if compiled else args.warmup
+                        res, out = bench_ours(pipe, lr, meter, warm, count=args.flops)
+                        if (dtype, b) in ref_out:
+                            diff = (out - ref_out[dtype, b]).abs()
+                            res["max_abs_diff_vs_baseline"] = float(diff.max())
+                            res["mean_abs_diff_vs_baseline"] = float(diff.mean())
+                        res["build_s"] = build_s
+                        record({**cfg, **res})
+                    except Exception as exc:  # noqa: BLE001
+                        traceback.print_exc()
+                        record({**cfg, "error": _first_line(exc)})
+                    finally:
+                        originals.restore(pipe)
+                        if compiled:
+                            torch._dynamo.reset()
+                        _free(device)
+            del originals
+        del pipe
         _free(device)
 
     # ---- report ----
@@ -586,6 +686,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s['dtype']} b{s['batch']} {s['compile']}{'+cl' if s['channels_last'] else ''}: "
               f"{s['baseline_e2e_ms']:.1f} / {s['ours_e2e_ms']:.1f} ms = {s['speedup']:.2f}x")
 
+    vs_fp32 = ratios_vs_fp32(results)
+    if vs_fp32:
+        print("\nspeed-up vs the plain-diffusers fp32 baseline (same batch):")
+        for s in vs_fp32:
+            print(f"  ours {s['dtype']} b{s['batch']} {s['compile']}{'+cl' if s['channels_last'] else ''}: "
+                  f"{s['baseline_fp32_e2e_ms']:.1f} / {s['ours_e2e_ms']:.1f} ms = {s['speedup']:.2f}x")
+
+    utilisation = flop_report(results, rates)
+    if utilisation:
+        print("\nFLOPs per stage (ours) and the fraction of the machine's measured rate "
+              "(matmul / best 3x3 conv of the same dtype):")
+        for u in utilisation:
+            print(f"  {u['dtype']} b{u['batch']}{'+cl' if u['channels_last'] else ''} {u['stage']}: {u['gflop']:.1f} GFLOP "
+                  f"in {u['ms']:.1f} ms = {u['gflops']:.0f} GFLOP/s ({100 * u['of_matmul']:.0f} % of matmul, "
+                  f"{100 * u['of_conv']:.0f} % of conv)")
+
     tgt = targets(results, speedups, on_cuda)
     print("\nGPU targets: <= 15 ms/image at batch 1, <= 10 ms/image batched, >= 5x vs unmerged-LoRA eager baseline")
     for t in tgt:
@@ -594,7 +710,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"args": vars(args), "env": env, "results": results, "speedups": speedups, "targets": tgt}
+        payload = {"args": vars(args), "env": env, "results": results, "speedups": speedups,
+                   "speedups_vs_fp32_baseline": vs_fp32, "machine_rates": rates, "flops": utilisation, "targets": tgt}
         path.write_text(json.dumps(payload, indent=2, default=str))
         print(f"\nsaved {path}")
     return 0 if not any(r.get("error") for r in results) else 1
