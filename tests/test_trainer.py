@@ -287,3 +287,49 @@ def test_two_processes_match_doubled_batch(tmp_path):
     first = _model(tmp_path / "single" / "checkpoints" / "step_0000001" / "model.safetensors")
     moved = max(float((b[k] - first[k]).abs().max()) for k in b)
     assert worst < 1e-6 and moved > 1e-4, (worst, moved)
+
+
+def test_vae_feature_distance_is_lpips_like_and_leaves_the_vae_frozen():
+    from diffusers import AutoencoderKL
+
+    from trainer.losses import VAEFeatureDistance, build_lpips
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).requires_grad_(False)
+    dist = build_lpips({"loss": {"lpips": 2.0}, "lpips": {"mode": "vae"}, "seed": 0}, vae)
+    assert isinstance(dist, VAEFeatureDistance) and list(dist.parameters()) == []  # shares, never copies
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    x = y.clone().requires_grad_(True)
+    d0 = dist(x, y)
+    assert d0.shape == (2,) and float(d0.abs().max()) < 1e-6
+    blurred = torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)
+    d1 = dist(blurred.requires_grad_(True), y)
+    assert float(d1.min()) > 0.0
+    d1.sum().backward()
+    assert all(p.grad is None for p in vae.parameters())
+    # per tap: summed over channels of unit vectors, so each tap's term lies in [0, 4]
+    assert float(dist(-y, y).max()) <= 4.0 + 1e-5
+    with pytest.raises(ValueError, match="base VAE"):
+        build_lpips({"loss": {"lpips": 1.0}, "lpips": {"mode": "vae"}, "seed": 0})
+
+
+def test_l2_weighting_follows_alpha_bar_of_each_samples_t(tmp_path):
+    from types import SimpleNamespace
+
+    from rcod_core.schedule import alphas_cumprod
+    from trainer import config as C
+    from trainer.engine import Trainer
+
+    assert C.build(_config(tmp_path))["loss"]["l2_weighting"] == "none"  # the paper's plain L2 by default
+    with pytest.raises(C.ConfigError, match="l2_weighting"):
+        C.build({**_config(tmp_path), "loss": {"l2_weighting": "snr"}})
+    cfg = C.build({**_config(tmp_path), "loss": {"l2_weighting": "alpha_bar"}})
+    ab = alphas_cumprod(None)
+    gen = SimpleNamespace(alphas_cumprod=ab)
+    t = torch.tensor([249, 499, 749])
+    w = Trainer._l2_weights(SimpleNamespace(cfg=cfg), gen, t)
+    assert torch.allclose(w, ab[t].sqrt().float()) and w[0] > w[1] > w[2]
+    assert float(w[2]) == pytest.approx(0.057 ** 0.5, abs=0.01)  # ᾱ_749 ≈ 0.057
+    ones = Trainer._l2_weights(SimpleNamespace(cfg=C.build(_config(tmp_path))), gen, t)
+    assert ones.tolist() == [1.0, 1.0, 1.0]

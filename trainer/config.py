@@ -62,9 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "das": {"mode": "official", "k": 250, "low": 20, "high": 980},
     "loss": {
         "l2": None, "lpips": None, "vsd": None, "vsd_lora": None, "gan": None, "cfg": 7.5,
+        "l2_weighting": "none",       # none (paper) | alpha_bar: L2 per sample x sqrt(alpha-bar_t) of its LDG t
     },
     "lpips": {
-        "mode": "pretrained",         # pretrained | random-init | off
+        "mode": "pretrained",         # pretrained | random-init (tests) | vae (LPIPS-style, base VAE features) | off
         "vgg_weights": None,          # torchvision vgg16 state dict (features.*)
         "lin_weights": None,          # LPIPS v0.1 linear layers (lpips package: weights/v0.1/vgg.pth)
     },
@@ -211,7 +212,8 @@ def check_values(cfg: dict) -> None:
     _choice(cfg, ("grouping", "rule"), ("official", "paper", "edges", "quantiles"))
     _choice(cfg, ("grouping", "latent"), ("sample", "mode"))
     _choice(cfg, ("das", "mode"), ("official", "paper"))
-    _choice(cfg, ("lpips", "mode"), ("pretrained", "random-init", "off"))
+    _choice(cfg, ("lpips", "mode"), ("pretrained", "random-init", "vae", "off"))
+    _choice(cfg, ("loss", "l2_weighting"), ("none", "alpha_bar"))
     _choice(cfg, ("regulariser", "condition"), ("vpim", "null"))
     _choice(cfg, ("gan", "backbone"), ("dino_vitb16", "tiny"))
     _choice(cfg, ("train", "mixed_precision"), ("no", "fp16", "bf16"))

@@ -312,7 +312,7 @@ class Trainer:
             self.spec = self.generator.spec
             # LDG's M_L comes from the frozen base VAE (no LoRA), so groups stay put while the VAE LoRA trains
             self.metric_vae = self.bundle.clean_vae.requires_grad_(False).eval().to(self.device)
-            self.lpips = build_lpips(cfg)
+            self.lpips = build_lpips(cfg, self.metric_vae)
             if kind == "rcod_s" and cfg["loss"]["gan"] > 0:
                 self.discriminator = build_discriminator(cfg)
         o = cfg["optim"]
@@ -456,7 +456,8 @@ class Trainer:
         t = select_timestep(metric.float().cpu(), self.spec.grouping).to(self.device)
         out = self.generator(lr_up, t, lr=lr, noise=draws["noise_lr"])
         target = hr * 2 - 1
-        loss_l2 = F.mse_loss(out.x_pred.float(), target.float())
+        per_sample = (out.x_pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        loss_l2 = (per_sample * self._l2_weights(gen_u, t)).mean()
         loss = w["l2"] * loss_l2
         logs["loss_l2"] = float(loss_l2.detach())
         if self.lpips is not None:
@@ -464,6 +465,15 @@ class Trainer:
             loss = loss + w["lpips"] * loss_lp
             logs["loss_lpips"] = float(loss_lp.detach())
         return gen_u, draws, out, t, target, loss
+
+    def _l2_weights(self, gen_u, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the L2 term: 1 (the paper, the release), or with ``loss.l2_weighting:
+        alpha_bar`` ``sqrt(ᾱ_t)``, the share of the clean signal in the UNet's input at the sample's
+        t (Eq. 3), so that a group at larger t trades more fidelity for the perceptual and VSD terms."""
+        if self.cfg["loss"]["l2_weighting"] == "none":
+            return torch.ones(t.shape[0], device=t.device)
+        ab = gen_u.alphas_cumprod.to(t.device)[t.long()]
+        return ab.sqrt().float()
 
     def _regulariser_tokens(self, gen_u, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(condition, negative) of the VSD scores: the generator's VPIM tokens and those of an

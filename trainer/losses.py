@@ -1,4 +1,5 @@
-"""Losses: LPIPS-VGG, the VSD distribution-matching loss, and a DINO-ViT GAN discriminator.
+"""Losses: LPIPS-VGG (or an LPIPS-style distance in the base VAE's features), the VSD
+distribution-matching loss, and a DINO-ViT GAN discriminator.
 
 * :class:`LPIPS` — Zhang et al. 2018 (v0.1, VGG16): ImageNet-scaled input, unit-normalised
   relu1_2 … relu5_3 features, squared differences weighted by 1x1 "lin" layers, spatial mean,
@@ -134,9 +135,58 @@ class LPIPS(nn.Module):
         return total
 
 
-def build_lpips(cfg: dict) -> Optional[LPIPS]:
+class VAEFeatureDistance(nn.Module):
+    """An LPIPS-style distance in the features of a frozen VAE encoder, for when no ImageNet network
+    can be had (``lpips.mode: vae``).
+
+    Zhang et al.'s recipe without the learned layers: the activations after ``conv_in`` and after
+    each down block of the base VAE's encoder (trained to reconstruct photos, so it responds to
+    edges and texture) are unit-normalised over channels; the distance is the squared difference
+    summed over channels, averaged over positions, then over the taps. Like LPIPS it penalises a
+    blurred output far more than L2 does. Images in [-1, 1]; returns (B,) distances. The encoder is
+    shared, not copied, and is never trained here."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        encoder = getattr(vae, "encoder", None)
+        if encoder is None or not hasattr(encoder, "down_blocks"):
+            raise ValueError("lpips.mode vae needs a diffusers AutoencoderKL (an encoder with down_blocks)")
+        self._encoder = [encoder]  # a list: not a submodule, so no second copy in state dicts or .to()
+
+    def train(self, mode: bool = True):  # always frozen, always eval
+        return super().train(False)
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        encoder = self._encoder[0]
+        h = encoder.conv_in(x.to(encoder.conv_in.weight.dtype))
+        out = [h]
+        for block in encoder.down_blocks:
+            h = block(h)
+            out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fy = self.taps(y)
+        total = 0.0
+        fx = self.taps(x)
+        for a, b in zip(fx, fy):
+            a, b = a.float(), b.float()
+            na = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            nb = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + (na - nb).pow(2).sum(1).mean(dim=(1, 2))
+        return total / len(fx)
+
+
+def build_lpips(cfg: dict, vae: Optional[nn.Module] = None) -> Optional[nn.Module]:
+    """The configured perceptual distance: LPIPS-VGG, or (mode ``vae``) :class:`VAEFeatureDistance`
+    on ``vae`` (the frozen base VAE); None when the loss is off."""
     if cfg["loss"]["lpips"] <= 0 or cfg["lpips"]["mode"] == "off":
         return None
+    if cfg["lpips"]["mode"] == "vae":
+        if vae is None:
+            raise ValueError("lpips.mode vae needs the base VAE")
+        return VAEFeatureDistance(vae)
     return LPIPS(cfg["lpips"]["mode"], cfg["lpips"]["vgg_weights"], cfg["lpips"]["lin_weights"], seed=cfg["seed"])
 
 
