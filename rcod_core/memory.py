@@ -102,17 +102,22 @@ def choose_tile(
     unet_elements: float = UNET_ELEMENTS_PER_LATENT_PX,
     vae_decode_elements: float = VAE_DECODE_ELEMENTS_PER_PX,
     vae_encode_elements: float = VAE_ENCODE_ELEMENTS_PER_PX,
+    vae_dtype_bytes: Optional[int] = None,
 ) -> TilePlan:
     """Plan tiles for an ``out_h × out_w`` output so each stage's activations fit ``budget`` bytes.
 
     ``budget=None`` reads :func:`free_memory` of ``device`` (× :data:`SAFETY`). Each stage is
     checked on its own (they run one after another): untiled when the whole image fits, else the
     largest tile that fits, never larger than the image. Smaller budget → tiles no larger.
+    ``dtype_bytes`` prices the UNet, ``vae_dtype_bytes`` (default: the same) the VAE, which an fp16
+    pipeline of SD 2.1 / SD-Turbo runs in fp32 (``force_upcast``).
     """
     if out_h < 1 or out_w < 1:
         raise ValueError(f"output size must be positive, got ({out_h}, {out_w})")
-    if dtype_bytes not in (1, 2, 4, 8):
-        raise ValueError(f"dtype_bytes must be 1, 2, 4 or 8, got {dtype_bytes!r}")
+    vae_dtype_bytes = dtype_bytes if vae_dtype_bytes is None else vae_dtype_bytes
+    for name, value in (("dtype_bytes", dtype_bytes), ("vae_dtype_bytes", vae_dtype_bytes)):
+        if value not in (1, 2, 4, 8):
+            raise ValueError(f"{name} must be 1, 2, 4 or 8, got {value!r}")
     if budget is None:
         budget = int(free_memory(device) * SAFETY)
     if budget <= 0:
@@ -122,8 +127,8 @@ def choose_tile(
     q = LATENT_QUANTUM
     unet = _largest_tile(lh, lw, budget / (unet_elements * dtype_bytes), q, MIN_LATENT_TILE)
     # VAE decode: the cost is per output pixel = latent pixel × f²
-    dec = _largest_tile(lh, lw, budget / (vae_decode_elements * dtype_bytes * f * f), q, MIN_LATENT_TILE)
-    enc_lat = _largest_tile(lh, lw, budget / (vae_encode_elements * dtype_bytes * f * f), q, MIN_LATENT_TILE)
+    dec = _largest_tile(lh, lw, budget / (vae_decode_elements * vae_dtype_bytes * f * f), q, MIN_LATENT_TILE)
+    enc_lat = _largest_tile(lh, lw, budget / (vae_encode_elements * vae_dtype_bytes * f * f), q, MIN_LATENT_TILE)
     return TilePlan(
         latent_tile=unet,
         latent_overlap=_overlap(unet, q),

@@ -19,6 +19,7 @@ M_L measured with the frozen base VAE).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional
 
@@ -103,6 +104,19 @@ class ForwardOutput:
     z_pred: torch.Tensor  # x0 (Eq. 3/4), fp32
     x_pred: torch.Tensor  # decoded, clamped to [-1, 1]
     state: dict  # per-batch conditioning (RCOD_S: scores, features, matrices)
+
+
+@contextlib.contextmanager
+def _quiet_dtype_cast() -> Iterator[None]:
+    """diffusers warns on every dtype ``.to()`` that modules "should be kept in float32", even when it
+    lists none; our casts are deliberate (the VAE's precision is chosen by :func:`place`'s caller)."""
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class RCODModel(nn.Module):
@@ -191,7 +205,8 @@ class RCODModel(nn.Module):
             if module is None:
                 continue
             if any(p.dtype != want for p in module.parameters()):
-                module.to(dtype=want)  # only when needed: diffusers warns on every dtype .to
+                with _quiet_dtype_cast():
+                    module.to(dtype=want)
             module.to(device=device)
         if self.prompt_embeds is not None:
             self.prompt_embeds = self.prompt_embeds.to(device, dtype)

@@ -221,8 +221,8 @@ class RCODPipeline:
         if tile is None or tile == "none":
             return None
         if tile == "auto":
-            bits = torch.finfo(self.dtype).bits
-            plan = choose_tile(height, width, budget=max_memory, dtype_bytes=bits // 8, device=self.device,
+            plan = choose_tile(height, width, budget=max_memory, dtype_bytes=torch.finfo(self.dtype).bits // 8,
+                               vae_dtype_bytes=torch.finfo(self.vae_dtype).bits // 8, device=self.device,
                                latent_factor=self.latent_factor)
             return plan if plan.tiled else None
         if isinstance(tile, str):

@@ -207,7 +207,8 @@ def test_cli_release_mode_dump_and_no_merge(tiny_set, tmp_path):
     Image.fromarray(lr8).save(src / "photo.png")
     args = ["upscale", str(src), "-o", str(tmp_path / "out"), "--model", str(tiny_set / "rcod_o.pkl"),
             "--base", str(tiny_set / "base-sd21"), "--clip", str(tiny_set / "clip-vision"), "--realism", "750",
-            "--processing", "release", "--no-merge", "--seed", "4", "--dump", str(tmp_path / "dump"), "--quiet"]
+            "--processing", "release", "--no-merge", "--seed", "4", "--dump", str(tmp_path / "dump"), "--quiet",
+            "--dtype", "fp32"]
     assert main(args) == 0
     got = np.array(Image.open(tmp_path / "out" / "photo_rcod.png"))
     pipe = load_pipeline(tiny_set / "rcod_o.pkl", base=tiny_set / "base-sd21", clip=tiny_set / "clip-vision", merge=False)

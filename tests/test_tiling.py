@@ -214,6 +214,21 @@ def test_plan_untiled_when_budget_large():
     assert choose_tile(512, 512, budget=2**30).vae_decode_tile_latent is not None
 
 
+def test_plan_prices_the_vae_in_its_own_precision():
+    """An fp16 UNet with the fp32 VAE of SD 2.1 (force_upcast): the VAE stages cost twice the bytes."""
+    budget = 3 * 2**30
+    same = choose_tile(1024, 1024, budget=budget, dtype_bytes=2)
+    upcast = choose_tile(1024, 1024, budget=budget, dtype_bytes=2, vae_dtype_bytes=4)
+    assert upcast.latent_tile == same.latent_tile  # the UNet is priced as before
+    assert _rank(upcast.vae_decode_tile_latent) < _rank(same.vae_decode_tile_latent)
+    assert _rank(upcast.vae_encode_tile_px) < _rank(same.vae_encode_tile_px)
+    # the fp32 VAE at budget B is the fp16 VAE at B / 2
+    half = choose_tile(1024, 1024, budget=budget // 2, dtype_bytes=2)
+    assert (upcast.vae_decode_tile_latent, upcast.vae_encode_tile_px) == (half.vae_decode_tile_latent, half.vae_encode_tile_px)
+    with pytest.raises(ValueError, match="vae_dtype_bytes"):
+        choose_tile(512, 512, budget=2**30, vae_dtype_bytes=3)
+
+
 def test_plan_shrinks_with_budget_and_covers():
     h, w = 2048, 1536
     previous = None

@@ -672,7 +672,8 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         if "max_abs_diff_vs_baseline" in r:
             first = r["e2e"].get("first_call_ms")
-            notes.append(f"ours {r['dtype']} {r['compile']} b{r['batch']}: output max|diff| vs baseline = "
+            notes.append(f"ours {r['dtype']} {r['compile']}{'+cl' if r.get('channels_last') else ''} b{r['batch']}: "
+                         f"output max|diff| vs baseline = "
                          f"{r['max_abs_diff_vs_baseline']:.3g} (mean {r['mean_abs_diff_vs_baseline']:.3g})"
                          + (f"; first e2e call {first:.0f} ms" if first is not None else ""))
     for n in notes:

@@ -281,7 +281,7 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--compile", choices=["none", "default", "max-autotune", "reduce-overhead"], default="none",
                     help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16 or fp16 on GPU; on CPU bf16 where it computes bf16 natively (AVX-512 BF16, AMX), else fp32)")
     up.add_argument("--seed", type=_parse_seed, default=0,
                     help="seeds the latent draw of --latent sample, afresh for every file (the only random draw)")
     up.add_argument("--latent", choices=["mode", "sample"], default=None,
