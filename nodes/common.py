@@ -139,9 +139,18 @@ class Progress:
 
     def __init__(self, total: int = 1):
         self.bar = comfy.utils.ProgressBar(total)
+        self.last: Optional[tuple[int, int]] = None
 
     def __call__(self, done: int, total: int) -> None:
+        self.last = (done, total)
         self.bar.update_absolute(done, total)
+
+    def finish(self) -> None:
+        """Complete the bar at the total rcod_core planned (nothing to do when it got there)."""
+        if self.last is None:
+            self(1, 1)
+        elif self.last[0] < self.last[1]:
+            self(self.last[1], self.last[1])
 
     @staticmethod
     def cancel() -> bool:

@@ -127,8 +127,8 @@ class RCODEncode:
         with node_errors("RCOD Encode"):
             use(rcod_model, image_pixels(image, scale))
             p = rcod_model.prepare(to_bchw(image), scale=scale, resampler=resampler, progress=pbar,
-                                    cancel=pbar.cancel)
-        pbar(1, 1)
+                                    cancel=pbar.cancel, passes=(0, 0))
+        pbar.finish()
         from rcod_core.model import unscale_latent
 
         z = unscale_latent(rcod_model.vae, p.z_l.detach().float()).cpu()  # raw, as core VAE Encode gives
@@ -179,7 +179,7 @@ class RCODDenoise:
             step = rcod_model.denoise_prepared(prepared, realism, x0_value(x0_mode), mask=mask,
                                                mask_timesteps=(int(mask_t0), realism))
             z_h, timesteps, metric = step.latents, step.timesteps, step.metric
-        pbar(1, 1)
+        pbar.finish()
         from rcod_core.model import unscale_latent
 
         out = {**latent, "samples": unscale_latent(rcod_model.vae, z_h.detach().float()).cpu()}
@@ -215,5 +215,5 @@ class RCODDecode:
             images = rcod_model.decode(scale_latent(rcod_model.vae, z))
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]
-        pbar(1, 1)
+        pbar.finish()
         return (to_bhwc(images),)

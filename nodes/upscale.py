@@ -68,7 +68,7 @@ class RCODUpscale:
             out = rcod_model.run(to_bchw(image), realism=realism, scale=scale, x0_mode=x0_value(x0_mode),
                                  tile=int(tile_size) if tiling == "custom" else tiling, tile_overlap=int(tile_overlap),
                                  color_fix=color_fix, progress=pbar, cancel=pbar.cancel, **kwargs)
-        pbar(1, 1)
+        pbar.finish()
         t_used = out.timesteps.reshape(-1)
         result = to_bhwc(out.images)
         if image.shape[-1] == 4:  # RGBA: the alpha is upscaled classically and kept, as the CLI does
@@ -108,6 +108,6 @@ class RCODRealismSweep:
             values = [v.strip() for v in str(timesteps).split(",") if v.strip()]
             out = rcod_model.sweep(to_bchw(image), timesteps=values, x0_mode=x0_value(x0_mode), scale=scale,
                                    resampler=resampler, progress=pbar, cancel=pbar.cancel)
-        pbar(1, 1)
+        pbar.finish()
         images = out.images.reshape(-1, *out.images.shape[2:])
         return {"ui": ui_values(out.timesteps), "result": (to_bhwc(images),)}

@@ -32,8 +32,8 @@ from .release import PROCESSINGS, Processing, release_input, release_output, rel
 from .realism import blend_levels, feathered_mask_t_map, gaussian_blur, level_weights, metric_map, prepare_map
 from .schedule import X0Mode, check_timestep
 from .spec import ModelSpec
-from .tiling import tiled_apply
-from .vae_tiling import tiled_decode, tiled_encode
+from .tiling import tile_units, tiled_apply
+from .vae_tiling import tiled_decode, tiled_encode, vae_tile_units
 
 Realism = Union[str, int, Sequence[int], torch.Tensor]
 TileSpec = Union[str, int, None]
@@ -80,6 +80,8 @@ class Prepared:
     plan: Optional[TilePlan] = None  # None = untiled
     tracker: Progress = None  # type: ignore[assignment]
     color_fix: str = "none"
+    #: progress units of one encode / UNet pass / decode of this batch under its plan
+    units: Optional[dict] = None
 
 
 @dataclass
@@ -252,12 +254,15 @@ class RCODPipeline:
         progress: ProgressFn = None,
         cancel: CancelFn = None,
         noise: torch.Tensor | None = None,
+        passes: tuple[int, int] | None = None,
     ) -> "Prepared":
         """Everything before the UNet, once per batch: validation, conditioning, upscale, VPIM
         tokens, VAE encode (tiled per the plan). Sweeps and realism maps reuse it for every t.
 
         ``noise``: the latent draw ε of ``z_L = mean + std · ε`` itself, shape (B, C, H/f, W/f) of the
-        padded image (overrides ``latent`` and ``generator``)."""
+        padded image (overrides ``latent`` and ``generator``). ``passes``: (UNet passes, decodes)
+        that will follow, to plan the progress total of the whole call up front (tiles included);
+        ``None`` lets the total grow stage by stage."""
         validate_images(images)
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
@@ -272,13 +277,33 @@ class RCODPipeline:
         tokens = self.prompt(lr_up)
         padded, _ = pad_to_multiple(lr_up, self.size_multiple)
         plan = self.plan_tiles(padded.shape[-2], padded.shape[-1], tile, tile_overlap, max_memory)
+        units = self._stage_units(plan, tuple(padded.shape[-2:]), padded.shape[0])
+        if passes is not None:
+            unet_passes, decodes = passes
+            tracker.plan(units["encode"] + unet_passes * units["unet"] + decodes * units["decode"])
         tracker.check()
         if plan is not None and plan.vae_encode_tile_px is not None:
             z_l = self._encode_tiled(padded, plan, state, latent, generator, tracker, noise)
         else:
             z_l = self.model.encode(padded, latent, generator, noise)
             tracker.step()
-        return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix)
+        return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix, units)
+
+    def _stage_units(self, plan: Optional[TilePlan], hw: tuple[int, int], batch: int) -> dict:
+        """Progress units of each stage for a padded ``hw`` batch: what the tiled functions report
+        (:func:`~rcod_core.tiling.tile_units`, :func:`~rcod_core.vae_tiling.vae_tile_units`), 1 untiled."""
+        f = self.latent_factor
+        lh, lw = hw[0] // f, hw[1] // f
+        units = {"encode": 1, "unet": 1, "decode": 1}
+        if plan is None:
+            return units
+        if plan.vae_encode_tile_px is not None:
+            units["encode"] = vae_tile_units(*hw, plan.vae_encode_tile_px, plan.vae_encode_overlap_px, batch)
+        if plan.latent_tile is not None:
+            units["unet"] = tile_units(lh, lw, plan.latent_tile, plan.latent_overlap, batch)
+        if plan.vae_decode_tile_latent is not None:
+            units["decode"] = vae_tile_units(lh, lw, plan.vae_decode_tile_latent, plan.vae_decode_overlap_latent, batch)
+        return units
 
     def _encode_tiled(self, padded, plan: TilePlan, state, latent, generator, tracker: Progress,
                       noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -382,8 +407,15 @@ class RCODPipeline:
                 raise ValueError(f"processing='release' runs the release's scripts, which have no {', '.join(bad)}")
             return self._run_release(images, realism, 4 if scale is None else scale, x0_mode,
                                      latent or "sample", generator, noise, color_fix, progress, cancel)
+        if mask is not None:
+            unet_passes = 2
+        elif t_map is not None:
+            unet_passes = len(set(int(v) for v in levels)) if levels else len(self.rule_levels())
+        else:
+            auto_map = isinstance(realism, str) and realism.strip().lower() == "auto-map"
+            unet_passes = len(self.rule_levels()) if auto_map else 1
         prepared = self.prepare(images, scale, size, resampler, latent or "mode", generator, tile, tile_overlap,
-                                max_memory, color_fix, progress, cancel, noise)
+                                max_memory, color_fix, progress, cancel, noise, passes=(unet_passes, 1))
         step = self.denoise_prepared(prepared, realism, x0_mode, mask, mask_timesteps, t_map, levels)
         return StageOutput(self.finish(prepared, step.latents), step.timesteps, step.metric, step.t_map)
 
@@ -500,6 +532,8 @@ class RCODPipeline:
         latents, used = [], []
         for level, w in zip(sorted(levels), weights):
             if float(w.max()) == 0.0:
+                if prepared.tracker is not None and prepared.tracker.planned:
+                    prepared.tracker.advance(prepared.units["unet"])  # a planned pass not needed
                 continue
             t = torch.full((batch,), int(level), dtype=torch.int64)
             latents.append(self.unet_step(prepared, t, x0_mode))
@@ -525,7 +559,7 @@ class RCODPipeline:
         if not timesteps:
             raise ValueError("timesteps must list at least one preset or t")
         ts = [int(self.resolve_timesteps(t, 1)[0]) for t in timesteps]
-        prepared = self.prepare(images, **prepare_kwargs)
+        prepared = self.prepare(images, **{"passes": (len(ts), len(ts)), **prepare_kwargs})
         batch = prepared.z_l.shape[0]
         outs = []
         for t in ts:

@@ -18,11 +18,17 @@ class Cancelled(Exception):
 
 
 class Progress:
-    """Counts finished units against a total; ``total`` may grow as stages are planned."""
+    """Counts finished units against a total. The total is either planned up front (:meth:`plan`:
+    it then stays fixed, so a progress bar only moves forward) or grows as stages report theirs."""
 
     def __init__(self, progress: ProgressFn = None, cancel: CancelFn = None, total: int = 0):
         self.progress, self.cancel = progress, cancel
         self.done, self.total = 0, int(total)
+        self.planned = False
+
+    def plan(self, total: int) -> None:
+        """Fix the total of the whole call (stages and tiles counted in advance)."""
+        self.total, self.planned = int(total), True
 
     def check(self) -> None:
         """Raise :class:`Cancelled` if the caller asks to stop."""
@@ -36,8 +42,9 @@ class Progress:
             self.progress(self.done, max(self.total, self.done))
 
     def step(self, n: int = 1) -> None:
-        """``n`` units of a stage that was not planned in advance are done."""
-        self.total += n
+        """``n`` units of an untiled stage are done (they join the total unless it was planned)."""
+        if not self.planned:
+            self.total += n
         self.advance(n)
 
     def stage(self) -> Callable[[int, int], None]:
@@ -47,7 +54,8 @@ class Progress:
         def report(done: int, total: int) -> None:
             if not planned:
                 planned.append(total)
-                self.total += total
+                if not self.planned:
+                    self.total += total
             self.advance(start + done - self.done)
 
         return report

@@ -66,6 +66,11 @@ def count_tiles(h: int, w: int, tile: int, overlap: int, batch: int = 1) -> int:
     return batch * len(tile_grid(h, w, tile, overlap))
 
 
+def tile_units(h: int, w: int, tile: int, overlap: int, batch: int = 1) -> int:
+    """The progress units :func:`tiled_apply` reports: one per tile, or one per image that fits a tile."""
+    return batch if h <= tile and w <= tile else count_tiles(h, w, tile, overlap, batch)
+
+
 def _owned_ranges(starts: Sequence[int], size: int, length: int) -> list[tuple[int, int]]:
     """Split [0, length) among tiles: each owns the part nearer its centre than its neighbours'
     (boundaries at the midpoints of the overlaps), as offsets within the tile."""

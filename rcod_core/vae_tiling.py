@@ -283,6 +283,18 @@ def _run_vae_tiled(
     return torch.cat(outs)
 
 
+def vae_tile_units(h: int, w: int, tile: int, overlap: int, batch: int = 1, norm_stats: NormStats = "estimate",
+                   groupnorms: int = 0) -> int:
+    """The progress units :func:`tiled_encode` / :func:`tiled_decode` report for ``batch`` inputs of
+    ``h × w`` (pixels for encode, latent pixels for decode): one per image that fits a tile, else
+    one per tile and pass (``exact`` statistics add a pass per GroupNorm of the tiled part,
+    ``groupnorms``)."""
+    if h <= tile and w <= tile:
+        return batch
+    passes = 1 + (groupnorms if norm_stats == "exact" else 0)
+    return batch * len(tile_grid(h, w, tile, overlap)) * passes
+
+
 def _check_vae(vae: nn.Module) -> None:
     for path in ("encoder.conv_in", "encoder.down_blocks", "encoder.mid_block", "encoder.conv_norm_out",
                  "decoder.conv_in", "decoder.mid_block", "decoder.up_blocks", "decoder.conv_norm_out", "config"):

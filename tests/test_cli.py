@@ -195,6 +195,33 @@ def test_progress_and_cancel(photo):
     assert torch.equal(pipe(x), pipe(x)), "the model stays usable after a cancel"
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"tile": 16, "tile_overlap": 8}, {"tile": 16, "tile_overlap": 8, "batch": 2},
+                                    {"mask": True}, {"sweep": 3}, {"sweep": 2, "tile": 16, "tile_overlap": 8}])
+def test_progress_total_is_planned_up_front(kwargs):
+    """One total for the whole call, known at the first report, reached exactly at the end: a bar
+    that only moves forward (stages and every tile of the encoder, UNet passes and decoder)."""
+    from rcod_core.testing.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("rcod_o", seed=0)
+    kwargs = dict(kwargs)
+    batch, sweep = kwargs.pop("batch", 1), kwargs.pop("sweep", 0)
+    x = torch.rand(batch, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    seen = []
+    report = lambda d, t: seen.append((d, t))  # noqa: E731
+    if kwargs.pop("mask", False):
+        kwargs["mask"] = torch.linspace(0, 1, 48).expand(1, 32, 48)
+    if sweep:
+        pipe.sweep(x, timesteps=[250, 500, 750][:sweep], progress=report, **kwargs)
+    else:
+        pipe.run(x, realism=500, progress=report, **kwargs)
+    totals = {t for _, t in seen}
+    assert len(totals) == 1, seen
+    dones = [d for d, _ in seen]
+    assert dones == sorted(dones) and dones[-1] == seen[0][1]
+    if "tile" in kwargs:
+        assert seen[0][1] > 3 * max(1, sweep)  # tiles are counted, not just stages
+
+
 def test_two_processes_write_what_one_writes(tmp_path, photo):
     """Two CPU processes (gloo; torchrun sets the env that accelerate reads — on GPUs use
     ``accelerate launch --multi_gpu``; its ``--cpu --num_processes 2`` starts ONE process)."""

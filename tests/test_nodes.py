@@ -398,6 +398,11 @@ def test_progress_and_interrupt(ext, rcod_o, lr):
     node(ext, "RCODUpscale").upscale(rcod_o, lr[:1], 2.0, "Neutral", 500)
     bar = FakeProgressBar.instances[-1]
     assert bar.updates and bar.updates[-1][0] == bar.updates[-1][1]
+    big = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(1))
+    node(ext, "RCODUpscale").upscale(rcod_o, big, 4.0, "Neutral", 500, tiling="custom", tile_size=16, tile_overlap=8)
+    bar = FakeProgressBar.instances[-1]  # one total, planned before the first tile, tiles counted
+    assert len({t for _, t in bar.updates}) == 1 and bar.updates[0][1] > 3
+    assert [d for d, _ in bar.updates] == sorted(d for d, _ in bar.updates) and bar.updates[-1][0] == bar.updates[0][1]
     mm = ext.fakes["comfy.model_management"]
     mm.interrupted = True
     with pytest.raises(mm.InterruptProcessingException):
