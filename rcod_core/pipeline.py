@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import prefer_channels_last
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
+from .devices import prefer_channels_last
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
 from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
 from .memory import TilePlan, choose_tile
@@ -410,7 +410,7 @@ class RCODPipeline:
         if mask is not None:
             unet_passes = 2
         elif t_map is not None:
-            unet_passes = len(set(int(v) for v in levels)) if levels else len(self.rule_levels())
+            unet_passes = len(self._map_levels(levels))
         else:
             auto_map = isinstance(realism, str) and realism.strip().lower() == "auto-map"
             unet_passes = len(self.rule_levels()) if auto_map else 1
@@ -482,7 +482,7 @@ class RCODPipeline:
                 levels = [lo, hi]
             else:
                 t_map = prepare_map(t_map, batch, prepared.size, "t_map")
-                levels = sorted(set(int(v) for v in (levels or self.rule_levels())))
+                levels = self._map_levels(levels)
                 check_timestep(levels, name="levels")
             z_h = self.denoise_map(prepared, t_map, levels, x0_mode)
             return StageOutput(z_h, torch.tensor(levels, dtype=torch.int64), metric, t_map)
@@ -566,6 +566,10 @@ class RCODPipeline:
             z_h = self.unet_step(prepared, torch.full((batch,), t, dtype=torch.int64), x0_mode)
             outs.append(self.finish(prepared, z_h))
         return StageOutput(torch.stack(outs), torch.tensor(ts, dtype=torch.int64))
+
+    def _map_levels(self, levels: Sequence[int] | None) -> list[int]:
+        """The distinct timesteps a ``t_map`` runs at: ``levels``, or the grouping rule's."""
+        return sorted(set(int(v) for v in (levels or self.rule_levels())))
 
     def rule_levels(self) -> list[int]:
         """The timesteps the spec's grouping rule can choose (the levels of a realism map)."""

@@ -260,8 +260,8 @@ def _run_vae_tiled(
         raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
     B, _, H, W = x.shape
     boxes = tile_grid(H, W, tile, overlap)
-    passes = 1 + (sum(1 for _ in _groupnorms(part)) if norm_stats == "exact" else 0)
-    ticker = Progress(progress, cancel, B * len(boxes) * passes)
+    groupnorms = sum(1 for _ in _groupnorms(part)) if norm_stats == "exact" else 0
+    ticker = Progress(progress, cancel, vae_tile_units(H, W, tile, overlap, B, norm_stats, groupnorms))
 
     def tick(n: int) -> None:
         ticker.advance(n)

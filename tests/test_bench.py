@@ -36,6 +36,7 @@ def test_bench_resolves_auto_and_measures_both_layouts(tmp_path, capsys):
     assert all(r["max_abs_diff_vs_baseline"] < 1e-4 for r in fp32)
     # every ours row is priced against the fp32 baseline; FLOPs are counted per stage
     assert len(data["speedups_vs_fp32_baseline"]) == 4
+    assert {s["baseline_dtype"] for s in data["speedups_vs_fp32_baseline"]} == {"fp32"}
     for r in ours:
         assert all(r["stages"][s]["flops"] > 0 for s in ("clip", "vae_enc", "unet", "vae_dec"))
     assert {"matmul_gflops", "conv_gflops", "conv_cl_gflops"} <= set(data["machine_rates"]["fp32"])

@@ -378,35 +378,23 @@ def _plain(label: str) -> str:
     return label.split(":", 1)[-1]
 
 
-def ratios(results: list[dict]) -> list[dict]:
+def ratios(results: list[dict], baseline_dtype: Optional[str] = None) -> list[dict]:
+    """Each configuration of ours against the baseline of the same batch and of ``baseline_dtype``
+    (default: ours' own precision; ``"fp32"``: what a user had before)."""
     out = []
     ok = [r for r in results if not r.get("error")]
     for r in ok:
         if r["impl"] != "ours":
             continue
-        base = [b for b in ok if b["impl"] == "baseline" and _plain(b["dtype"]) == _plain(r["dtype"]) and b["batch"] == r["batch"]]
+        want = baseline_dtype or _plain(r["dtype"])
+        base = [b for b in ok if b["impl"] == "baseline" and _plain(b["dtype"]) == want and b["batch"] == r["batch"]]
         if not base:
             continue
         out.append({
             "dtype": r["dtype"], "batch": r["batch"], "compile": r["compile"], "channels_last": r.get("channels_last"),
-            "baseline_e2e_ms": base[0]["e2e"]["median_ms"], "ours_e2e_ms": r["e2e"]["median_ms"],
+            "baseline_dtype": want, "baseline_e2e_ms": base[0]["e2e"]["median_ms"], "ours_e2e_ms": r["e2e"]["median_ms"],
             "speedup": base[0]["e2e"]["median_ms"] / r["e2e"]["median_ms"],
         })
-    return out
-
-
-def ratios_vs_fp32(results: list[dict]) -> list[dict]:
-    """Every configuration of ours against the fp32 baseline of the same batch (what a user had before)."""
-    ok = [r for r in results if not r.get("error")]
-    out = []
-    for r in ok:
-        if r["impl"] != "ours":
-            continue
-        base = [b for b in ok if b["impl"] == "baseline" and _plain(b["dtype"]) == "fp32" and b["batch"] == r["batch"]]
-        if base:
-            out.append({"dtype": r["dtype"], "batch": r["batch"], "compile": r["compile"],
-                        "channels_last": r.get("channels_last"), "baseline_fp32_e2e_ms": base[0]["e2e"]["median_ms"],
-                        "ours_e2e_ms": r["e2e"]["median_ms"], "speedup": base[0]["e2e"]["median_ms"] / r["e2e"]["median_ms"]})
     return out
 
 
@@ -687,12 +675,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s['dtype']} b{s['batch']} {s['compile']}{'+cl' if s['channels_last'] else ''}: "
               f"{s['baseline_e2e_ms']:.1f} / {s['ours_e2e_ms']:.1f} ms = {s['speedup']:.2f}x")
 
-    vs_fp32 = ratios_vs_fp32(results)
+    vs_fp32 = ratios(results, baseline_dtype="fp32")
     if vs_fp32:
         print("\nspeed-up vs the plain-diffusers fp32 baseline (same batch):")
         for s in vs_fp32:
             print(f"  ours {s['dtype']} b{s['batch']} {s['compile']}{'+cl' if s['channels_last'] else ''}: "
-                  f"{s['baseline_fp32_e2e_ms']:.1f} / {s['ours_e2e_ms']:.1f} ms = {s['speedup']:.2f}x")
+                  f"{s['baseline_e2e_ms']:.1f} / {s['ours_e2e_ms']:.1f} ms = {s['speedup']:.2f}x")
 
     utilisation = flop_report(results, rates)
     if utilisation:
