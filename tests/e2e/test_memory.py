@@ -33,6 +33,22 @@ def _settled_rss(pid: int, seconds: float = 6.0) -> int:
     return last
 
 
+# Two core nodes, nothing of ours: the cheapest prompt that runs to the end.
+TRIVIAL = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+           "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
+def _flush_worker_flags(server) -> None:
+    """Wait until ComfyUI's prompt worker has acted on /free.
+
+    /free only sets flags; the worker reads them after its queue wait returns (after the next prompt,
+    or its periodic gc wake-up), so a prompt posted right after /free can still run on the old cache.
+    The worker handles the flags in the same loop pass that finishes a prompt, before it takes the
+    next one: once a trivial prompt has finished, the unload and the cache reset are done or under way
+    in that pass, and the next prompt cannot start before them."""
+    assert server.run(TRIVIAL)["status"]["status_str"] == "success"
+
+
 def test_free_drops_our_model_and_the_next_run_loads_it_again(server):
     prompt = json.loads(DEMO_WORKFLOW.read_text())
     assert prompt["2"]["inputs"]["checkpoint"] == "demo (built-in)"
@@ -43,6 +59,7 @@ def test_free_drops_our_model_and_the_next_run_loads_it_again(server):
     held = _settled_rss(server.proc.pid)
     code, _ = server.post("/free", {"unload_models": True, "free_memory": True})
     assert code == 200
+    _flush_worker_flags(server)
     freed = _settled_rss(server.proc.pid)
     # nothing of ours pins the model: ComfyUI's cache was its only owner, so the next run loads it anew
     assert server.run(prompt)["status"]["status_str"] == "success"
