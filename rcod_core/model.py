@@ -107,7 +107,7 @@ class ForwardOutput:
 
 
 @contextlib.contextmanager
-def _quiet_dtype_cast() -> Iterator[None]:
+def quiet_dtype_cast() -> Iterator[None]:
     """diffusers warns on every dtype ``.to()`` that modules "should be kept in float32", even when it
     lists none; our casts are deliberate (the VAE's precision is chosen by :func:`place`'s caller)."""
     log = logging.getLogger("diffusers.models.modeling_utils")
@@ -205,7 +205,7 @@ class RCODModel(nn.Module):
             if module is None:
                 continue
             if any(p.dtype != want for p in module.parameters()):
-                with _quiet_dtype_cast():
+                with quiet_dtype_cast():
                     module.to(dtype=want)
             module.to(device=device)
         if self.prompt_embeds is not None:

@@ -97,21 +97,25 @@ def build_models(
     seed: int = 0,
     device: torch.device | str = "cpu",
     with_clip: bool = True,
+    vae_family: Optional[BaseFamily] = None,
 ) -> BaseModels:
     """Random-weight models from a family's shipped configs, seeded and independent of global RNG.
 
     ``device="meta"`` builds the structure without allocating (shape checks on the real configs).
     Each component gets its own seed derived from ``seed`` so that adding one never changes another.
+    ``vae_family`` takes the VAE from another family's config (e.g. the real SD VAE architecture
+    beside the tiny UNet, a VAE that other SD tools load too); default: ``family``'s own.
     """
     modules = {}
     builders = {"unet": build_unet, "vae": build_vae}
     if with_clip:
         builders["clip_vision"] = build_clip_vision
     for i, (name, builder) in enumerate(builders.items()):
+        config_family = vae_family if name == "vae" and vae_family is not None else family
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + i)
             with torch.device(device):
-                modules[name] = builder(load_config(family, name)).eval()
+                modules[name] = builder(load_config(config_family, name)).eval()
     return BaseModels(
         unet=modules["unet"],
         vae=modules["vae"],

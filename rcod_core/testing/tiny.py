@@ -25,6 +25,7 @@ from ..guided_lora import (
     DegradationGuidance, MatrixSlot, S3DIFF_UNET_TARGETS, S3DIFF_VAE_TARGET_REGEX, UNET_BLOCKS, VAE_BLOCKS,
     inject_degradation_lora, s3diff_unet_modules, s3diff_vae_modules, unet_block_index, vae_block_index,
 )
+from ..model import quiet_dtype_cast
 from ..pipeline import RCODPipeline
 from ..spec import ModelSpec
 from ..models import CONFIG_ROOT, build_models, load_config, randomize_lora, randomize_parameters
@@ -63,10 +64,12 @@ def release_vae_module_list(vae: nn.Module) -> list[str]:
     return names
 
 
-def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4, family: str = "tiny") -> dict:
+def osediff_like_dict(kind: str = "rcod_o", seed: int = 0, rank: int = 4, family: str = "tiny",
+                      vae_family: Optional[str] = None) -> dict:
     """The release's dict for an OSEDiff (8 keys) or RCOD_O (9 keys) checkpoint, random weights on
-    the ``family`` configs (``"sd21_base"`` gives a full-size file, for load-time benchmarks)."""
-    base = build_models(family, seed=seed, with_clip=False)
+    the ``family`` configs (``"sd21_base"`` gives a full-size file, for load-time benchmarks);
+    ``vae_family`` as in :func:`~rcod_core.models.build_models`."""
+    base = build_models(family, seed=seed, with_clip=False, vae_family=vae_family)
     unet, vae = base.unet, base.vae
     groups = adapters.osediff_unet_groups(unet)
     vae_list = release_vae_module_list(vae)
@@ -185,12 +188,15 @@ def write_tiny_text_encoder(folder: Path, hidden_size: int, seed: int = 0) -> No
         CLIPTextModel(config).save_pretrained(folder / "text_encoder")
 
 
-def write_tiny_base(folder: Path, family: str, seed: int = 0) -> Path:
-    """A diffusers-folder tiny base that declares ``family`` through its scheduler config."""
-    base = build_models("tiny", seed=seed, with_clip=False)
+def write_tiny_base(folder: Path, family: str, seed: int = 0, vae_family: Optional[str] = None,
+                    vae_dtype: torch.dtype = torch.float32) -> Path:
+    """A diffusers-folder tiny base that declares ``family`` through its scheduler config
+    (``vae_family="sd21_base"``: the real SD VAE architecture, random, stored as ``vae_dtype``)."""
+    base = build_models("tiny", seed=seed, with_clip=False, vae_family=vae_family)
     folder.mkdir(parents=True, exist_ok=True)
     base.unet.save_pretrained(folder / "unet")
-    base.vae.save_pretrained(folder / "vae")
+    with quiet_dtype_cast():
+        base.vae.to(vae_dtype).save_pretrained(folder / "vae")
     (folder / "scheduler").mkdir(exist_ok=True)
     shutil.copy(CONFIG_ROOT / family / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
     write_tiny_text_encoder(folder, base.unet.config.cross_attention_dim, seed)
@@ -269,6 +275,39 @@ def make_tiny(directory: Path | str, seed: int = 0, overwrite: bool = False) -> 
     rcod_s = merge_checkpoints(load_checkpoint(out["rcod_s.pkl"]), load_checkpoint(out["de_net.pth"]),
                                load_checkpoint(out["rcod_s_mem.pkl"]))
     save_checkpoint(rcod_s, out["rcod_s.safetensors"], {"base": "base-sd-turbo", "clip": "clip-vision"})
+    return out
+
+
+SD_VAE_SET = {
+    "base-sd21-sdvae": "tiny SD 2.1-base UNet with the real SD VAE architecture (random, fp16), diffusers folder",
+    "sd-vae.safetensors": "that VAE alone in the layout of distributed VAE files (LDM keys, no prefix)",
+    "rcod_o_sdvae.safetensors": "an RCOD_O on that base (our format; metadata names the base and CLIP)",
+}
+
+
+def make_sd_vae_set(directory: Path | str, seed: int = 0, clip: str = "clip-vision") -> dict[str, Path]:
+    """A tiny RCOD_O whose VAE has the real SD architecture, and that VAE as a standalone file.
+
+    Tools that build the SD VAE from its fixed architecture (ComfyUI's VAE loader, A1111) load
+    ``sd-vae.safetensors``; with it a graph can mix their VAE encode/decode with RCOD's stages on
+    the same weights. The VAE is random (about 84 M parameters, stored in fp16: 167 MB per copy).
+    ``clip``: the CLIP folder the checkpoint's metadata names (the tiny set's, beside it)."""
+    from .ldm_export import VAE_PREFIX, vae_to_ldm
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {name: root / name for name in SD_VAE_SET}
+    if out["base-sd21-sdvae"].exists():
+        shutil.rmtree(out["base-sd21-sdvae"])
+    write_tiny_base(out["base-sd21-sdvae"], "sd21_base", seed, vae_family="sd21_base", vae_dtype=torch.float16)
+    with quiet_dtype_cast():
+        vae = build_models("tiny", seed=seed, with_clip=False, vae_family="sd21_base").vae.to(torch.float16)
+    ldm = vae_to_ldm(vae.state_dict(), vae.config)
+    save_file({k.removeprefix(VAE_PREFIX): v.contiguous() for k, v in ldm.items()}, str(out["sd-vae.safetensors"]),
+              metadata={"format": "pt"})
+    ckpt = canonicalize(osediff_like_dict("rcod_o", seed, vae_family="sd21_base"), "rcod_o")
+    save_checkpoint(ckpt, out["rcod_o_sdvae.safetensors"], {"base": "base-sd21-sdvae", "clip": clip})
     return out
 
 

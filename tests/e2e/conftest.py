@@ -88,7 +88,7 @@ def server():
     # the input folder starts empty: the extension itself puts the workflows' example image there
     yaml = SCRATCH / "extra_model_paths.yaml"
     yaml.write_text(f"rcod_e2e:\n  base_path: {SCRATCH / 'models'}\n  checkpoints: checkpoints\n"
-                    f"  diffusers: diffusers\n  clip_vision: clip_vision\n  rcod: rcod\n")
+                    f"  diffusers: diffusers\n  clip_vision: clip_vision\n  rcod: rcod\n  vae: vae\n")
     link = TREE / "custom_nodes" / EXTENSION
     if link.is_symlink() or not link.exists():
         if link.is_symlink():

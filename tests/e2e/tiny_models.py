@@ -5,13 +5,18 @@
     models/diffusers/    base-sd21/ base-sd-turbo/        (diffusers folders)
     models/checkpoints/  base-sd21.safetensors            (single file, LDM keys)
     models/clip_vision/  clip-vision/ clip-vision.safetensors
+    models/rcod/         rcod_o_sdvae.safetensors              (an RCOD_O on the next base)
+    models/diffusers/    base-sd21-sdvae/                      (tiny UNet, the real SD VAE architecture)
+    models/vae/          sd-vae.safetensors                    (that VAE, for core's VAE Loader)
 
 plus the same tiny files under the names users download the real weights as (USUAL_NAMES), which
-the shipped workflows in workflows/ name. Copies by default: rcod_core.loader.safe_model_path refuses names whose symlink resolves outside the folder.
+the shipped workflows in workflows/ name. Hard links (copies across file systems) by default: rcod_core.loader.safe_model_path refuses names
+whose symlink resolves outside the folder.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +28,13 @@ LAYOUT = {
     "checkpoints": ["base-sd21.safetensors"],
     "clip_vision": ["clip-vision", "clip-vision.safetensors"],
 }
+#: the set with the SD-architecture VAE (rcod_core.testing.tiny.make_sd_vae_set), for graphs that mix
+#: core VAE Encode/Decode with RCOD's stages
+SD_VAE_LAYOUT = {
+    "rcod": ["rcod_o_sdvae.safetensors"],
+    "diffusers": ["base-sd21-sdvae"],
+    "vae": ["sd-vae.safetensors"],
+}
 
 #: (folder, usual file name of the real weights) → the tiny file that stands in for it
 USUAL_NAMES = {
@@ -33,14 +45,24 @@ USUAL_NAMES = {
 }
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def install_tiny_models(models_dir: Path, tiny_dir: Path, copy: bool = True) -> None:
-    """Make the tiny set in ``tiny_dir`` (unless there) and link it into ``models_dir``'s folders."""
-    from rcod_core.testing.tiny import make_tiny
+    """Make the tiny sets in ``tiny_dir`` (unless there) and put them into ``models_dir``'s folders."""
+    from rcod_core.testing.tiny import make_sd_vae_set, make_tiny
 
     tiny_dir, models_dir = Path(tiny_dir), Path(models_dir)
     if not (tiny_dir / "rcod_s.safetensors").is_file():
         make_tiny(tiny_dir, seed=0, overwrite=True)
-    pairs = [(folder, name, name) for folder, names in LAYOUT.items() for name in names]
+    if not (tiny_dir / "rcod_o_sdvae.safetensors").is_file():
+        make_sd_vae_set(tiny_dir, seed=0)
+    pairs = [(folder, name, name) for layout in (LAYOUT, SD_VAE_LAYOUT) for folder, names in layout.items()
+             for name in names]
     pairs += [(folder, usual, tiny) for (folder, usual), tiny in USUAL_NAMES.items()]
     for folder, name, tiny in pairs:
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
@@ -52,9 +74,9 @@ def install_tiny_models(models_dir: Path, tiny_dir: Path, copy: bool = True) -> 
         if not copy:
             dst.symlink_to(src, target_is_directory=src.is_dir())
         elif src.is_dir():
-            shutil.copytree(src, dst)
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
         else:
-            shutil.copy2(src, dst)
+            _link_or_copy(src, dst)
 
 
 if __name__ == "__main__":
