@@ -179,6 +179,30 @@ def x0_value(x0_mode: str) -> Optional[str]:
     return None if x0_mode == "model default" else x0_mode
 
 
+TILING = ("auto", "none", "custom")
+
+
+def tiling_inputs(stage: str = "") -> dict:
+    """The tiling widgets (``stage``: which part of the pipeline they tile, for the tooltip)."""
+    where = f" ({stage})" if stage else ""
+    return {
+        "tiling": (list(TILING), {"default": "auto", "tooltip":
+                   f"auto: tile{where} only when the image is too large for the free memory; none: one pass; "
+                   f"custom: tile_size below."}),
+        "tile_size": ("INT", {"default": 64, "min": 16, "max": 512, "step": 8,
+                              "tooltip": "Latent tile size (x8 pixels) for tiling=custom."}),
+        "tile_overlap": ("INT", {"default": 16, "min": 0, "max": 256, "step": 4,
+                                 "tooltip": "Latent overlap between tiles (blended with Gaussian weights)."}),
+    }
+
+
+def tile_value(tiling: str, tile_size: int):
+    """rcod_core's ``tile`` argument for the tiling combo + tile_size widget."""
+    if tiling not in TILING:
+        raise ValueError(f"tiling must be one of {TILING}, got {tiling!r}")
+    return int(tile_size) if tiling == "custom" else tiling
+
+
 def realism_inputs(default: str = "Neutral") -> dict:
     return {
         # rcod_preset_t: the web extension keeps the t widget in sync from this (no copy of the presets there)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CATEGORY, LATENT_KEY, MODEL, PROMPT, Progress, node_errors, realism_inputs, realism_value,
-                     to_bchw, to_bhwc, ui_values, x0_value)
+                     tile_value, tiling_inputs, to_bchw, to_bhwc, ui_values, x0_value)
 from .managed import image_pixels, latent_pixels, use
 
 RESAMPLERS = ("bicubic", "bilinear", "nearest", "area")
@@ -120,14 +120,15 @@ class RCODEncode:
                                 "tooltip": "Upscale factor (1-8); the output is round(scale x side)."}),
             "resampler": (list(RESAMPLERS), {"default": "bicubic",
                                              "tooltip": "Resampler that brings the LR to the output size before the VAE."}),
-        }}
+        }, "optional": tiling_inputs("the VAE encoder")}
 
-    def encode(self, rcod_model, image, scale=4.0, resampler="bicubic"):
+    def encode(self, rcod_model, image, scale=4.0, resampler="bicubic", tiling="auto", tile_size=64, tile_overlap=16):
         pbar = Progress(1)
         with node_errors("RCOD Encode"):
-            use(rcod_model, image_pixels(image, scale))
-            p = rcod_model.prepare(to_bchw(image), scale=scale, resampler=resampler, progress=pbar,
-                                    cancel=pbar.cancel, passes=(0, 0))
+            tile = tile_value(tiling, tile_size)
+            use(rcod_model, image_pixels(image, scale) if tile == "none" else 0)
+            p = rcod_model.prepare(to_bchw(image), scale=scale, resampler=resampler, tile=tile,
+                                    tile_overlap=int(tile_overlap), progress=pbar, cancel=pbar.cancel, passes=(0, 0))
         pbar.finish()
         from rcod_core.model import unscale_latent
 
@@ -164,17 +165,20 @@ class RCODDenoise:
                 "image": ("IMAGE", {"tooltip": "The LR image, for a LATENT not made by RCOD Encode (core VAE Encode "
                                                "of the upscaled LR, or one through SaveLatent/LoadLatent): conditioning "
                                                "and tokens are computed from it."}),
+                **tiling_inputs("the UNet"),
             },
         }
 
     def denoise(self, rcod_model, latent, preset="Neutral", t=500, x0_mode="model default", mask=None, mask_t0=250,
-                prompt=None, image=None):
+                prompt=None, image=None, tiling="auto", tile_size=64, tile_overlap=16):
         node = "RCOD One-Step Denoise"
         pbar = Progress(1)
         with node_errors(node):
-            use(rcod_model, latent_pixels(rcod_model, latent["samples"]))
+            tile = tile_value(tiling, tile_size)
+            use(rcod_model, latent_pixels(rcod_model, latent["samples"]) if tile == "none" else 0)
             prepared = prepared_from_latent(rcod_model, latent, node, pbar, image=image, prompt=prompt)
             prepared = rcod_model.with_tokens(prepared, prompt)
+            prepared = rcod_model.with_plan(prepared, tile, int(tile_overlap), passes=(2 if mask is not None else 1, 0))
             realism = realism_value(preset, t)
             step = rcod_model.denoise_prepared(prepared, realism, x0_value(x0_mode), mask=mask,
                                                mask_timesteps=(int(mask_t0), realism))
@@ -201,18 +205,20 @@ class RCODDecode:
             "rcod_model": (MODEL, {"tooltip": "From RCOD Model Loader."}),
             "latent": ("LATENT", {"tooltip": "A raw VAE latent of this model's VAE family (RCOD One-Step Denoise, "
                                              "or core nodes); RCOD latents are cropped to their output size."}),
-        }}
+        }, "optional": tiling_inputs("the VAE decoder")}
 
-    def decode(self, rcod_model, latent):
+    def decode(self, rcod_model, latent, tiling="auto", tile_size=64, tile_overlap=16):
         from rcod_core.model import scale_latent
 
         pbar = Progress(1)
         with node_errors("RCOD Decode"):
             z = _finite(latent["samples"], "RCOD Decode")
             info = latent.get(LATENT_KEY)
+            tile = tile_value(tiling, tile_size)
             pbar.cancel()  # an interrupt before the decoder runs
-            use(rcod_model, latent_pixels(rcod_model, z))
-            images = rcod_model.decode(scale_latent(rcod_model.vae, z))
+            use(rcod_model, latent_pixels(rcod_model, z) if tile == "none" else 0)
+            images = rcod_model.decode_latents(scale_latent(rcod_model.vae, z), tile, int(tile_overlap),
+                                               progress=pbar, cancel=pbar.cancel)
             if info is not None and tuple(z.shape) == tuple(info["shape"]):
                 images = images[..., : info["size"][0], : info["size"][1]]
         pbar.finish()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, realism_value, to_bchw, to_bhwc,
-                     ui_values, x0_value)
+from .common import (CATEGORY, MODEL, Progress, node_errors, realism_inputs, realism_value, tile_value, tiling_inputs,
+                     to_bchw, to_bhwc, ui_values, x0_value)
 from .managed import image_pixels, use
 from .stages import RESAMPLERS
 
 from rcod_core.release import PROCESSINGS
 
-TILING = ("auto", "none", "custom")
 COLOR_FIX = ("none", "adain", "wavelet")
 
 
@@ -33,12 +32,7 @@ class RCODUpscale:
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5,
                                     "tooltip": "Upscale factor (1-8)."}),
                 **realism_inputs(),
-                "tiling": (list(TILING), {"default": "auto", "tooltip":
-                           "auto: tile only when the image is large; none: one pass; custom: tile_size below."}),
-                "tile_size": ("INT", {"default": 64, "min": 16, "max": 512, "step": 8,
-                                      "tooltip": "Latent tile size (x8 pixels) for tiling=custom."}),
-                "tile_overlap": ("INT", {"default": 16, "min": 0, "max": 256, "step": 4,
-                                         "tooltip": "Latent overlap between tiles (blended with Gaussian weights)."}),
+                **tiling_inputs(),
                 "color_fix": (list(COLOR_FIX), {"default": "none", "tooltip":
                               "Match the output's colours to the LR: AdaIN (mean/std) or wavelet (low frequencies)."}),
             },
@@ -66,7 +60,7 @@ class RCODUpscale:
                 kwargs.update(processing="release", generator=torch.Generator().manual_seed(int(seed)))
                 tiling = "none"
             out = rcod_model.run(to_bchw(image), realism=realism, scale=scale, x0_mode=x0_value(x0_mode),
-                                 tile=int(tile_size) if tiling == "custom" else tiling, tile_overlap=int(tile_overlap),
+                                 tile=tile_value(tiling, tile_size), tile_overlap=int(tile_overlap),
                                  color_fix=color_fix, progress=pbar, cancel=pbar.cancel, **kwargs)
         pbar.finish()
         t_used = out.timesteps.reshape(-1)
@@ -98,16 +92,18 @@ class RCODRealismSweep:
             "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5, "tooltip": "Upscale factor (1-8)."}),
             "x0_mode": realism_inputs()["x0_mode"],
             "resampler": (list(RESAMPLERS), {"default": "bicubic", "tooltip": "Resampler before the VAE."}),
-        }}
+        }, "optional": tiling_inputs()}
 
     def sweep(self, rcod_model, image, timesteps="250,500,750", scale=4.0, x0_mode="model default",
-              resampler="bicubic"):
+              resampler="bicubic", tiling="auto", tile_size=64, tile_overlap=16):
         pbar = Progress(1)
         with node_errors("RCOD Realism Sweep"):
-            use(rcod_model, image_pixels(image, scale))
+            tile = tile_value(tiling, tile_size)
+            use(rcod_model, image_pixels(image, scale) if tile == "none" else 0)
             values = [v.strip() for v in str(timesteps).split(",") if v.strip()]
             out = rcod_model.sweep(to_bchw(image), timesteps=values, x0_mode=x0_value(x0_mode), scale=scale,
-                                   resampler=resampler, progress=pbar, cancel=pbar.cancel)
+                                   resampler=resampler, tile=tile, tile_overlap=int(tile_overlap), progress=pbar,
+                                   cancel=pbar.cancel)
         pbar.finish()
         images = out.images.reshape(-1, *out.images.shape[2:])
         return {"ui": ui_values(out.timesteps), "result": (to_bhwc(images),)}

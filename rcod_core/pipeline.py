@@ -318,6 +318,32 @@ class RCODPipeline:
         self.select_sample(state, None)
         return torch.cat(latents)
 
+    def with_plan(self, prepared: "Prepared", tile: TileSpec = "none", tile_overlap: int = 32,
+                  max_memory: int | None = None, passes: tuple[int, int] = (1, 0)) -> "Prepared":
+        """``prepared`` with a tile plan (see :meth:`plan_tiles`) for the stages still to run on it,
+        for a batch whose encode happened elsewhere (a LATENT from another node); ``passes``: the
+        (UNet passes, decodes) that follow, whose tiles make its tracker's planned progress total."""
+        f = self.latent_factor
+        hw = (prepared.z_l.shape[-2] * f, prepared.z_l.shape[-1] * f)
+        plan = self.plan_tiles(*hw, tile, tile_overlap, max_memory)
+        units = self._stage_units(plan, hw, prepared.z_l.shape[0])
+        if prepared.tracker is not None:
+            prepared.tracker.plan(passes[0] * units["unet"] + passes[1] * units["decode"])
+        return dataclasses.replace(prepared, plan=plan, units=units)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor, tile: TileSpec = "none", tile_overlap: int = 32,
+                       max_memory: int | None = None, progress: ProgressFn = None,
+                       cancel: CancelFn = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) → images in [0, 1], the VAE decoder run in tiles per ``tile``
+        (as in :meth:`prepare`: ``"auto"`` tiles only what does not fit ``max_memory``)."""
+        f = self.latent_factor
+        hw = (z.shape[-2] * f, z.shape[-1] * f)
+        plan = self.plan_tiles(*hw, tile, tile_overlap, max_memory)
+        tracker = Progress(progress, cancel)
+        tracker.plan(self._stage_units(plan, hw, z.shape[0])["decode"])
+        return self._decode_planned(z.to(self.device), plan, tracker)
+
     @torch.no_grad()
     def unet_step(self, prepared: "Prepared", timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:
         """One UNet pass + x0 for the prepared batch at ``timesteps`` (B,), tiled per the plan."""
@@ -341,18 +367,21 @@ class RCODPipeline:
         self.select_sample(prepared.state, None)
         return torch.cat(outs)
 
+    def _decode_planned(self, z: torch.Tensor, plan: Optional[TilePlan], tracker: Progress) -> torch.Tensor:
+        """Scaled latents → images in [0, 1], VAE-decoded in tiles when the plan says so."""
+        tracker.check()
+        if plan is not None and plan.vae_decode_tile_latent is not None:
+            x = tiled_decode(self.vae, self.model.unscale(z), plan.vae_decode_tile_latent,
+                             plan.vae_decode_overlap_latent, progress=tracker.stage(), cancel=tracker.cancel)
+            return to_unit_range(x)
+        out = self.decode(z)
+        tracker.step()
+        return out
+
     def finish(self, prepared: "Prepared", z_h: torch.Tensor) -> torch.Tensor:
         """Decode (tiled per the plan), crop to the output size, colour-fix."""
         out_h, out_w = prepared.size
-        plan, tracker = prepared.plan, prepared.tracker
-        tracker.check()
-        if plan is not None and plan.vae_decode_tile_latent is not None:
-            x = tiled_decode(self.vae, self.model.unscale(z_h), plan.vae_decode_tile_latent,
-                             plan.vae_decode_overlap_latent, progress=tracker.stage(), cancel=tracker.cancel)
-            out = to_unit_range(x)
-        else:
-            out = self.decode(z_h)
-            tracker.step()
+        out = self._decode_planned(z_h, prepared.plan, prepared.tracker)
         out = out[..., :out_h, :out_w]
         if prepared.color_fix != "none":
             out = apply_color_fix(out, prepared.lr_up, prepared.color_fix)

@@ -104,7 +104,7 @@ def ext(tmp_path_factory, request):
     """The extension imported as ComfyUI imports a custom node folder, over the tiny set."""
     base = tmp_path_factory.mktemp("comfy")
     # the tiny set is deterministic (seed 0): made once, kept in pytest's cache between runs
-    install_tiny_models(base / "models", request.config.cache.mkdir("rcod-tiny-set"))
+    install_tiny_models(base / "models", request.config.cache.mkdir("rcod-tiny-set"), sd_vae=False)
     fakes = _fake_comfy(base / "models")
     saved = {k: sys.modules.get(k) for k in fakes}
     sys.modules.update(fakes)
@@ -283,6 +283,28 @@ def test_stages_equal_upscale(ext, rcod_o, lr):
     torch.testing.assert_close(image, ref)
 
 
+def test_stage_tiling_equals_upscale_tiling(ext, rcod_o, lr):
+    """Encode, Denoise and Decode each tile their own stage as RCOD Upscale tiles the whole run; the
+    Sweep tiles like Upscale too; each node's bar has one total that counts its tiles."""
+    tiles = {"tiling": "custom", "tile_size": 16, "tile_overlap": 8}
+    big = torch.rand(1, 40, 48, 3, generator=torch.Generator().manual_seed(2))  # x4: 160x192, several tiles
+    FakeProgressBar.instances.clear()
+    (latent,) = node(ext, "RCODEncode").encode(rcod_o, big, 4.0, "bicubic", **tiles)
+    z = node(ext, "RCODDenoise").denoise(rcod_o, latent, "Custom", 600, **tiles)["result"][0]
+    (image,) = node(ext, "RCODDecode").decode(rcod_o, z, **tiles)
+    for bar in FakeProgressBar.instances:  # encode, UNet, decode: tiles counted, one total, forward only
+        assert bar.updates[0][1] > 3 and len({t for _, t in bar.updates}) == 1, bar.updates
+        assert [d for d, _ in bar.updates] == sorted(d for d, _ in bar.updates)
+    ref = node(ext, "RCODUpscale").upscale(rcod_o, big, 4.0, "Custom", 600, **tiles)["result"][0]
+    torch.testing.assert_close(image, ref, rtol=0, atol=1e-5)
+    untiled = node(ext, "RCODUpscale").upscale(rcod_o, big, 4.0, "Custom", 600, tiling="none")["result"][0]
+    assert (untiled - ref).abs().max() > 1e-3  # the tiles really were used (seams differ)
+    (sweep,) = node(ext, "RCODRealismSweep").sweep(rcod_o, big, "600", 4.0, **tiles)["result"]
+    torch.testing.assert_close(sweep, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="^RCOD Decode: tiling must be one of"):
+        node(ext, "RCODDecode").decode(rcod_o, z, tiling="tiles")
+
+
 def test_visual_prompt_conditions_denoise(ext, rcod_o, lr):
     (latent,) = node(ext, "RCODEncode").encode(rcod_o, lr, 2.0, "bicubic")
     (tokens,) = node(ext, "RCODVisualPrompt").encode(rcod_o, torch.ones(1, 40, 40, 3))
@@ -419,6 +441,16 @@ def test_workflows_are_up_to_date_and_match_the_nodes(ext):
     import build_workflows
 
     assert build_workflows.main(["--check"]) == 0
+    # the generator's picture of each node is the node's: connections and widgets in the frontend's order
+    for kind, (connections, widgets, _) in build_workflows.SPEC.items():
+        cls = ext.NODE_CLASS_MAPPINGS.get(kind)
+        if cls is None:
+            continue
+        spec = cls.INPUT_TYPES()
+        inputs = [(name, opts[0]) for group in ("required", "optional") for name, opts in spec.get(group, {}).items()]
+        is_widget = [isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN") for _, t in inputs]
+        assert widgets == [n for (n, _), w in zip(inputs, is_widget) if w], kind
+        assert connections == [(n, t) for (n, t), w in zip(inputs, is_widget) if not w], kind
     for path in sorted((ROOT / "workflows").glob("*.api.json")):
         for node_def in json.loads(path.read_text()).values():
             cls = ext.NODE_CLASS_MAPPINGS.get(node_def["class_type"])

@@ -42,6 +42,9 @@ MODELS = {
                 "url": "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main/model.safetensors"},
 }
 
+#: the tiling widgets of the stage nodes and the sweep, at their defaults
+TILES = dict(tiling="auto", tile_size=64, tile_overlap=16)
+TILE_WIDGETS = list(TILES)
 # node type → (connection inputs [(name, type)], widget names in order, outputs [(name, type)])
 SPEC = {
     "LoadImage": ([], ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
@@ -55,23 +58,25 @@ SPEC = {
     "RCODVisualPrompt": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")], [], [("prompt", "RCOD_PROMPT")]),
     "RCODLatentMetric": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE"), ("hr_image", "IMAGE")], [],
                          [("M_L", "FLOAT"), ("t", "INT"), ("M_L_true", "FLOAT")]),
-    "RCODEncode": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")], ["scale", "resampler"], [("LATENT", "LATENT")]),
-    "RCODDenoise": ([("rcod_model", "RCOD_MODEL"), ("latent", "LATENT"), ("mask", "MASK"), ("prompt", "RCOD_PROMPT")],
-                    ["preset", "t", "x0_mode", "mask_t0"], [("latent", "LATENT"), ("t", "INT")]),
-    "RCODDecode": ([("rcod_model", "RCOD_MODEL"), ("latent", "LATENT")], [], [("IMAGE", "IMAGE")]),
+    "RCODEncode": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")], ["scale", "resampler", *TILE_WIDGETS],
+                   [("LATENT", "LATENT")]),
+    "RCODDenoise": ([("rcod_model", "RCOD_MODEL"), ("latent", "LATENT"), ("mask", "MASK"), ("prompt", "RCOD_PROMPT"),
+                     ("image", "IMAGE")],
+                    ["preset", "t", "x0_mode", "mask_t0", *TILE_WIDGETS], [("latent", "LATENT"), ("t", "INT")]),
+    "RCODDecode": ([("rcod_model", "RCOD_MODEL"), ("latent", "LATENT")], [*TILE_WIDGETS], [("IMAGE", "IMAGE")]),
     "RCODUpscale": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE"), ("mask", "MASK")],
                     ["scale", "preset", "t", "x0_mode", "tiling", "tile_size", "tile_overlap", "color_fix", "mask_t0",
                      "processing", "seed"],
                     [("image", "IMAGE"), ("t", "INT")]),
     "RCODRealismSweep": ([("rcod_model", "RCOD_MODEL"), ("image", "IMAGE")],
-                         ["timesteps", "scale", "x0_mode", "resampler"], [("IMAGE", "IMAGE")]),
+                         ["timesteps", "scale", "x0_mode", "resampler", *TILE_WIDGETS], [("IMAGE", "IMAGE")]),
     "Note": ([], ["text"], []),
 }
 NOT_IN_API = {"upload"}  # UI-only widgets
 VIRTUAL = {"Note"}  # frontend-only nodes: not in the API format
 #: node heights in the UI (px): enough for the widgets, LoadImage with its preview
-HEIGHT = {"LoadImage": 400, "RCODModelLoader": 230, "RCODUpscale": 360, "RCODDenoise": 210, "RCODEncode": 130,
-          "RCODRealismSweep": 190, "Note": 200, "SaveImage": 300, "PreviewImage": 300}
+HEIGHT = {"LoadImage": 400, "RCODModelLoader": 230, "RCODUpscale": 360, "RCODDenoise": 310, "RCODEncode": 200,
+          "RCODDecode": 160, "RCODRealismSweep": 260, "Note": 200, "SaveImage": 300, "PreviewImage": 300}
 WIDTH = 340
 TOP, LEFT, GAP_X, GAP_Y = 0, 0, 60, 60
 #: where the graph's top-left corner opens on screen (px): right of the side bar (60 px) and below the
@@ -111,7 +116,7 @@ def denoise(model, latent, preset="Neutral", t=500, mask=None, prompt=None, mask
         links["mask"] = mask
     if prompt:
         links["prompt"] = (prompt, 0)
-    return ("RCODDenoise", dict(preset=preset, t=t, x0_mode="model default", mask_t0=mask_t0), links)
+    return ("RCODDenoise", dict(preset=preset, t=t, x0_mode="model default", mask_t0=mask_t0, **TILES), links)
 
 
 def save(image, prefix):
@@ -132,14 +137,14 @@ WORKFLOWS = {
     "rcod_presets_side_by_side": {  # encode once, three timesteps
         1: load_image(),
         2: loader(DEMO),
-        3: ("RCODEncode", dict(scale=4.0, resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
+        3: ("RCODEncode", dict(scale=4.0, resampler="bicubic", **TILES), {"rcod_model": (2, 0), "image": (1, 0)}),
         4: ("RCODVisualPrompt", {}, {"rcod_model": (2, 0), "image": (1, 0)}),
         5: denoise(2, 3, "Fidelity", 250, prompt=4),
         6: denoise(2, 3, "Neutral", 500, prompt=4),
         7: denoise(2, 3, "Realism", 750, prompt=4),
-        8: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (5, 0)}),
-        9: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (6, 0)}),
-        10: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (7, 0)}),
+        8: ("RCODDecode", dict(TILES), {"rcod_model": (2, 0), "latent": (5, 0)}),
+        9: ("RCODDecode", dict(TILES), {"rcod_model": (2, 0), "latent": (6, 0)}),
+        10: ("RCODDecode", dict(TILES), {"rcod_model": (2, 0), "latent": (7, 0)}),
         11: save((8, 0), "rcod_fidelity"),
         12: save((9, 0), "rcod_neutral"),
         13: save((10, 0), "rcod_realism"),
@@ -148,7 +153,7 @@ WORKFLOWS = {
         1: load_image(),
         2: loader(DEMO),
         3: ("RCODRealismSweep", dict(timesteps="250,500,750", scale=4.0, x0_mode="model default",
-                                     resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
+                                     resampler="bicubic", **TILES), {"rcod_model": (2, 0), "image": (1, 0)}),
         4: ("PreviewImage", {}, {"images": (3, 0)}),
         5: save((3, 0), "rcod_sweep"),
     },
@@ -156,9 +161,9 @@ WORKFLOWS = {
         1: load_image(),
         2: loader("rcod_s.safetensors", TURBO_FILE, CLIP_FILE),
         3: ("RCODLatentMetric", {}, {"rcod_model": (2, 0), "image": (1, 0)}),
-        4: ("RCODEncode", dict(scale=4.0, resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
+        4: ("RCODEncode", dict(scale=4.0, resampler="bicubic", **TILES), {"rcod_model": (2, 0), "image": (1, 0)}),
         5: denoise(2, 4, "Adaptive", 500),
-        6: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (5, 0)}),
+        6: ("RCODDecode", dict(TILES), {"rcod_model": (2, 0), "latent": (5, 0)}),
         7: save((6, 0), "rcod_adaptive"),
         8: note(RCOD_S_NOTE + " Adaptive realism needs the MEM (inside an rcod_s.safetensors, or its own file "
                 "in the loader's mem widget)."),
@@ -169,9 +174,9 @@ WORKFLOWS = {
         3: ("SolidMask", dict(value=0.0, width=384, height=384), {}),
         4: ("SolidMask", dict(value=1.0, width=192, height=384), {}),
         5: ("MaskComposite", dict(x=192, y=0, operation="add"), {"destination": (3, 0), "source": (4, 0)}),
-        6: ("RCODEncode", dict(scale=4.0, resampler="bicubic"), {"rcod_model": (2, 0), "image": (1, 0)}),
+        6: ("RCODEncode", dict(scale=4.0, resampler="bicubic", **TILES), {"rcod_model": (2, 0), "image": (1, 0)}),
         7: denoise(2, 6, "Realism", 750, mask=(5, 0), mask_t0=250),
-        8: ("RCODDecode", {}, {"rcod_model": (2, 0), "latent": (7, 0)}),
+        8: ("RCODDecode", dict(TILES), {"rcod_model": (2, 0), "latent": (7, 0)}),
         9: save((8, 0), "rcod_spatial"),
     },
     "rcod_large_image_tiled": {  # a classical 2x first, then RCOD 2x in latent tiles

@@ -52,17 +52,18 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def install_tiny_models(models_dir: Path, tiny_dir: Path, copy: bool = True) -> None:
-    """Make the tiny sets in ``tiny_dir`` (unless there) and put them into ``models_dir``'s folders."""
+def install_tiny_models(models_dir: Path, tiny_dir: Path, copy: bool = True, sd_vae: bool = True) -> None:
+    """Make the tiny sets in ``tiny_dir`` (unless there) and put them into ``models_dir``'s folders
+    (``sd_vae=False``: without the SD-VAE set, 340 MB that only the mixed graphs need)."""
     from rcod_core.testing.tiny import make_sd_vae_set, make_tiny
 
     tiny_dir, models_dir = Path(tiny_dir), Path(models_dir)
     if not (tiny_dir / "rcod_s.safetensors").is_file():
         make_tiny(tiny_dir, seed=0, overwrite=True)
-    if not (tiny_dir / "rcod_o_sdvae.safetensors").is_file():
+    if sd_vae and not (tiny_dir / "rcod_o_sdvae.safetensors").is_file():
         make_sd_vae_set(tiny_dir, seed=0)
-    pairs = [(folder, name, name) for layout in (LAYOUT, SD_VAE_LAYOUT) for folder, names in layout.items()
-             for name in names]
+    layouts = (LAYOUT, SD_VAE_LAYOUT) if sd_vae else (LAYOUT,)
+    pairs = [(folder, name, name) for layout in layouts for folder, names in layout.items() for name in names]
     pairs += [(folder, usual, tiny) for (folder, usual), tiny in USUAL_NAMES.items()]
     for folder, name, tiny in pairs:
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
