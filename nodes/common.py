@@ -141,16 +141,22 @@ class Progress:
         self.bar = comfy.utils.ProgressBar(total)
         self.last: Optional[tuple[int, int]] = None
 
-    def __call__(self, done: int, total: int) -> None:
-        self.last = (done, total)
-        self.bar.update_absolute(done, total)
+    #: bar steps per unit of rcod_core's progress, so that its fractional reports within a long
+    #: unit (a UNet pass on a CPU) move the bar too
+    STEPS = 100
+
+    def __call__(self, done: float, total: int) -> None:
+        value, top = int(round(done * self.STEPS)), int(total) * self.STEPS
+        self.last = (value, top)
+        self.bar.update_absolute(value, top)
 
     def finish(self) -> None:
         """Complete the bar at the total rcod_core planned (nothing to do when it got there)."""
         if self.last is None:
             self(1, 1)
         elif self.last[0] < self.last[1]:
-            self(self.last[1], self.last[1])
+            self.bar.update_absolute(self.last[1], self.last[1])
+            self.last = (self.last[1], self.last[1])
 
     @staticmethod
     def cancel() -> bool:

@@ -80,3 +80,32 @@ def prefer_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cpu":
         return dtype in CPU_CHANNELS_LAST
     return False
+
+
+#: glibc's ``mallopt`` parameter number of the mmap threshold (malloc.h)
+_M_MMAP_THRESHOLD = -3
+#: allocations from this size on get their own mapping, returned to the system when freed
+CPU_HEAP_MMAP_THRESHOLD = 4 * 2**20
+
+
+def bound_cpu_heap(threshold: int = CPU_HEAP_MMAP_THRESHOLD) -> bool:
+    """Make freed CPU activations go back to the system at once, so the process's memory follows
+    what is alive (for a memory budget on CPU: ``--max-memory``). Returns False where it cannot.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which
+    tile-sized activations come from the heap, whose freed middle stays resident: on the tiny model
+    at 1024² with a 200 MB plan the peak RSS grew 446 MB by default, 186 MB with the threshold
+    fixed at 4 MB by this call (``mallopt(M_MMAP_THRESHOLD)``, which also stops the raising). The
+    cost is a page fault per fresh page of those blocks: that run took 5.3 s instead of 4.2 s.
+    Process-wide and glibc only (a no-op returning False elsewhere)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -66,7 +66,7 @@ def resize(images: torch.Tensor, size: tuple[int, int], resampler: Resampler = "
     kwargs = {}
     if resampler in ("bicubic", "bilinear"):
         kwargs = {"align_corners": False, "antialias": True}
-    return F.interpolate(images, size=size, mode=resampler, **kwargs).clamp(0.0, 1.0)
+    return F.interpolate(images, size=size, mode=resampler, **kwargs).clamp_(0.0, 1.0)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .memprobe import StageCosts
 
 #: activation elements per latent pixel for one UNet pass (SD 2.1, SDPA attention)
 UNET_ELEMENTS_PER_LATENT_PX = 61_000
@@ -42,6 +45,18 @@ MIN_LATENT_TILE = 32
 OVERLAP_FRACTION = 1 / 3
 #: CPU budget when the free RAM cannot be read
 CPU_FALLBACK_BUDGET = 16 * 2**30
+#: full-size float32 buffers alive beside the tiles, bytes per output pixel (the pipeline's own):
+#: encode — the upscaled LR and the VAE input (3 channels each); decode — the output accumulator
+#: (3) and its weight sum (1), and the colour-fix reference (3)
+ENCODE_BUFFER_BYTES_PER_PX = 24
+DECODE_BUFFER_BYTES_PER_PX = 28
+#: UNet tiles run together in one batch (the pipeline's tiled UNet pass)
+UNET_BATCH_TILES = 4
+#: the UNet's whole-latent buffers beside its tiles (z_L, the blended z_H, weights), per latent pixel
+UNET_BUFFER_BYTES_PER_LATENT_PX = 64
+#: share of the budget a plan from measured costs may use (allocator overhead, operator workspaces
+#: that live inside one operator and are not seen by the measurement)
+MEASURED_MARGIN = 0.85
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,9 @@ class TilePlan:
     vae_encode_overlap_px: int = 0
     vae_decode_tile_latent: Optional[int] = None  # tiled_decode tile_latent, latent pixels
     vae_decode_overlap_latent: int = 0
+    #: the VAE's mid block (self-attention) once on the whole latent (True), or inside each tile
+    #: (False: bounded memory for any size, attention local to the tile)
+    vae_global_mid: bool = True
 
     @property
     def tiled(self) -> bool:
@@ -136,4 +154,64 @@ def choose_tile(
         vae_encode_overlap_px=_overlap(enc_lat, q) * f,
         vae_decode_tile_latent=dec,
         vae_decode_overlap_latent=_overlap(dec, q),
+    )
+
+
+def _fit_tile(h: int, w: int, whole: float, tile: Callable[[int], float], budget: float,
+              quantum: int = LATENT_QUANTUM, minimum: int = MIN_LATENT_TILE) -> Optional[int]:
+    """None if the whole h × w latent (costing ``whole``) fits ``budget``; else the largest square
+    tile side t (multiple of ``quantum``, at least ``minimum``) with ``tile(t)`` within it."""
+    if whole <= budget:
+        return None
+    t = quantum * math.ceil(max(h, w) / quantum)
+    while t > minimum:
+        if tile(t) <= budget:
+            return t
+        t -= quantum
+    return minimum
+
+
+def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, latent_factor: int = 8) -> TilePlan:
+    """A :class:`TilePlan` from a pipeline's measured :class:`~rcod_core.memprobe.StageCosts`: each
+    stage untiled when its whole-image cost fits ``budget`` × :data:`MEASURED_MARGIN`, else the
+    largest tiles whose cost — the tiles run at once (:data:`UNET_BATCH_TILES` for the UNet), what
+    the tiled call runs once on the whole latent, and the full-size buffers beside them — fits.
+    Where even the smallest tiles do not fit beside the whole-latent VAE mid block, the mid block
+    runs inside the tiles (``vae_global_mid=False``): memory then stays bounded for any size."""
+    from .tiling import tile_grid
+
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"output size must be positive, got ({out_h}, {out_w})")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive bytes, got {budget!r}")
+    f, q = latent_factor, LATENT_QUANTUM
+    lh, lw = math.ceil(out_h / f), math.ceil(out_w / f)
+    lat, px = lh * lw, lh * lw * f * f
+    b = budget * MEASURED_MARGIN
+
+    def area(t: int) -> int:
+        return min(t, lh) * min(t, lw)
+
+    def unet_tile(t: int) -> float:
+        at_once = min(UNET_BATCH_TILES, len(tile_grid(lh, lw, t, _overlap(t, q))))
+        return at_once * costs.unet(area(t)) + UNET_BUFFER_BYTES_PER_LATENT_PX * lat
+
+    unet = _fit_tile(lh, lw, costs.unet(lat), unet_tile, b)
+    # the whole-latent mid block when it fits beside the smallest tiles (global attention), else in the tiles
+    smallest = area(MIN_LATENT_TILE) * f * f
+    global_mid = (max(costs.decode(smallest) + costs.decode_global(lat) + DECODE_BUFFER_BYTES_PER_PX * px,
+                      costs.encode(smallest) + costs.encode_global(lat) + ENCODE_BUFFER_BYTES_PER_PX * px) <= b)
+    g_dec, g_enc = (costs.decode_global(lat), costs.encode_global(lat)) if global_mid else (0.0, 0.0)
+    dec = _fit_tile(lh, lw, costs.decode(px) + 12 * px, lambda t: costs.decode(area(t) * f * f)
+                    + g_dec + DECODE_BUFFER_BYTES_PER_PX * px, b)
+    enc = _fit_tile(lh, lw, costs.encode(px) + 12 * px, lambda t: costs.encode(area(t) * f * f)
+                    + g_enc + ENCODE_BUFFER_BYTES_PER_PX * px, b)
+    return TilePlan(
+        latent_tile=unet,
+        latent_overlap=_overlap(unet, q),
+        vae_encode_tile_px=None if enc is None else enc * f,
+        vae_encode_overlap_px=_overlap(enc, q) * f,
+        vae_decode_tile_latent=dec,
+        vae_decode_overlap_latent=_overlap(dec, q),
+        vae_global_mid=global_mid or (dec is None and enc is None),
     )

@@ -13,9 +13,10 @@ are arguments; nothing is a hidden flag on the models. The forward itself lives 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
 from .devices import prefer_channels_last
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
 from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
-from .memory import TilePlan, choose_tile
+from .memory import SAFETY, UNET_BATCH_TILES, TilePlan, choose_tile, free_memory, plan_from_costs
+from .memprobe import StageCosts, measure_stage_costs
 from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
 from .progress import CancelFn, Progress, ProgressFn
 from .release import PROCESSINGS, Processing, release_input, release_output, release_timestep, uint8_to_float
@@ -76,7 +78,7 @@ class Prepared:
     state: dict  # per-batch conditioning (RCOD_S: degradation scores, features, LoRA matrices)
     tokens: torch.Tensor
     z_l: torch.Tensor
-    lr_up: Optional[torch.Tensor] = None  # the upscaled LR (the colour-fix reference)
+    lr_up: Optional[torch.Tensor] = None  # the upscaled LR, kept only as a colour fix's reference (else None)
     plan: Optional[TilePlan] = None  # None = untiled
     tracker: Progress = None  # type: ignore[assignment]
     color_fix: str = "none"
@@ -110,6 +112,7 @@ class RCODPipeline:
         self.model = model
         self.dtype = dtype
         self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype)
+        self._stage_costs: Optional[tuple[tuple, StageCosts]] = None  # (device, dtypes) → measured, see stage_costs
         model.place(device, dtype, self.vae_dtype)
         if prefer_channels_last(self.device, dtype):
             self.to_channels_last()  # convolution-heavy: NHWC kernels where measured faster
@@ -151,6 +154,27 @@ class RCODPipeline:
         """``torch.compile`` the UNet and the VAE encoder/decoder (and CLIP), in place."""
         self.model.compile(mode, **kwargs)
         return self
+
+    @contextlib.contextmanager
+    def _block_ticks(self, tracker: Optional[Progress], network: str) -> Iterator[None]:
+        """On a CPU, report progress after each block of the network that runs as one unit
+        (``"unet"``, ``"encode"``, ``"decode"``): a 512² SD 2.1 UNet pass or VAE decode takes
+        seconds there. Off elsewhere, and for compiled modules (a hook would break their graph)."""
+        unet, vae = self.model.unet, self.model.vae
+        modules = {"unet": unet, "encode": vae.encoder, "decode": vae.decoder}[network]
+        if tracker is None or tracker.progress is None or self.device.type != "cpu" or hasattr(modules, "_orig_mod"):
+            yield
+            return
+        blocks = {"unet": lambda: [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
+                  "encode": lambda: [*vae.encoder.down_blocks, vae.encoder.mid_block],
+                  "decode": lambda: [vae.decoder.mid_block, *vae.decoder.up_blocks]}[network]()
+        n = len(blocks) + 1
+        handles = [b.register_forward_hook(lambda m, args, out, k=k: tracker.tick(k / n)) for k, b in enumerate(blocks, 1)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # -- timesteps -----------------------------------------------------------------------------
     def resolve_timesteps(self, realism: Realism, batch_size: int, metric: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,9 +247,15 @@ class RCODPipeline:
         if tile is None or tile == "none":
             return None
         if tile == "auto":
-            plan = choose_tile(height, width, budget=max_memory, dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                               vae_dtype_bytes=torch.finfo(self.vae_dtype).bits // 8, device=self.device,
-                               latent_factor=self.latent_factor)
+            budget = max_memory
+            if budget is None:
+                budget = int(free_memory(self.device) * SAFETY)
+            # the SD 2.1 estimate first: with ample room to spare nothing needs measuring
+            roomy = choose_tile(height, width, budget=budget // 2, dtype_bytes=torch.finfo(self.dtype).bits // 8,
+                                vae_dtype_bytes=torch.finfo(self.vae_dtype).bits // 8, latent_factor=self.latent_factor)
+            if not roomy.tiled:
+                return None
+            plan = plan_from_costs(height, width, self.stage_costs(), budget, self.latent_factor)
             return plan if plan.tiled else None
         if isinstance(tile, str):
             if not tile.isdigit():
@@ -237,6 +267,14 @@ class RCODPipeline:
             raise ValueError(f"tile_overlap must be in [0, tile) = [0, {tile}), got {tile_overlap!r}")
         f = self.latent_factor
         return TilePlan(tile, tile_overlap, tile * f, tile_overlap * f, tile, tile_overlap)
+
+    def stage_costs(self) -> StageCosts:
+        """This pipeline's measured activation memory per stage (:mod:`rcod_core.memprobe`), measured
+        once per device and precision; what ``tile="auto"`` plans from."""
+        key = (str(self.device), self.dtype, self.vae_dtype)
+        if self._stage_costs is None or self._stage_costs[0] != key:
+            self._stage_costs = (key, measure_stage_costs(self))
+        return self._stage_costs[1]
 
     @torch.no_grad()
     def prepare(
@@ -271,12 +309,15 @@ class RCODPipeline:
         tracker = Progress(progress, cancel)
         tracker.check()
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
+        m = self.size_multiple
+        plan = self.plan_tiles(-(-out_h // m) * m, -(-out_w // m) * m, tile, tile_overlap, max_memory)  # padded size
         images = images.to(self.device, torch.float32)
         state = self.condition(images)
         lr_up = resize(images, (out_h, out_w), resampler)
         tokens = self.prompt(lr_up)
         padded, _ = pad_to_multiple(lr_up, self.size_multiple)
-        plan = self.plan_tiles(padded.shape[-2], padded.shape[-1], tile, tile_overlap, max_memory)
+        if color_fix == "none":
+            lr_up = None  # kept only as the colour-fix reference: one full-size buffer less from here on
         units = self._stage_units(plan, tuple(padded.shape[-2:]), padded.shape[0])
         if passes is not None:
             unet_passes, decodes = passes
@@ -285,7 +326,8 @@ class RCODPipeline:
         if plan is not None and plan.vae_encode_tile_px is not None:
             z_l = self._encode_tiled(padded, plan, state, latent, generator, tracker, noise)
         else:
-            z_l = self.model.encode(padded, latent, generator, noise)
+            with self._block_ticks(tracker, "encode"):
+                z_l = self.model.encode(padded, latent, generator, noise)
             tracker.step()
         return Prepared(images, (out_h, out_w), state, tokens, z_l, lr_up, plan, tracker, color_fix, units)
 
@@ -310,8 +352,9 @@ class RCODPipeline:
         latents = []
         for i in range(padded.shape[0]):
             self.select_sample(state, i)
-            x = padded[i : i + 1].to(self.device, self.vae_dtype) * 2.0 - 1.0
+            x = padded[i : i + 1].to(self.device, self.vae_dtype).mul(2.0).sub_(1.0)  # one buffer, not two
             mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
+                                     global_mid=plan.vae_global_mid,
                                      progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
             latents.append(self.model._record("z_l", posterior_latent(
                 self.vae, mean, std, latent, generator, None if noise is None else noise[i : i + 1])))
@@ -350,7 +393,8 @@ class RCODPipeline:
         plan, tracker = prepared.plan, prepared.tracker
         tracker.check()
         if plan is None or plan.latent_tile is None:
-            z_h = self.denoise(prepared.z_l, prepared.tokens, timesteps, x0_mode)
+            with self._block_ticks(tracker, "unet"):
+                z_h = self.denoise(prepared.z_l, prepared.tokens, timesteps, x0_mode)
             tracker.step()
             return z_h
         outs = []
@@ -363,7 +407,7 @@ class RCODPipeline:
                 return self.denoise(tiles, tokens.expand(n, -1, -1), t.expand(n), x0_mode)
 
             outs.append(tiled_apply(fn, prepared.z_l[i : i + 1], plan.latent_tile, plan.latent_overlap,
-                                    progress=tracker.stage(), cancel=tracker.cancel))
+                                    batch_tiles=UNET_BATCH_TILES, progress=tracker.stage(), cancel=tracker.cancel))
         self.select_sample(prepared.state, None)
         return torch.cat(outs)
 
@@ -372,9 +416,11 @@ class RCODPipeline:
         tracker.check()
         if plan is not None and plan.vae_decode_tile_latent is not None:
             x = tiled_decode(self.vae, self.model.unscale(z), plan.vae_decode_tile_latent,
-                             plan.vae_decode_overlap_latent, progress=tracker.stage(), cancel=tracker.cancel)
+                             plan.vae_decode_overlap_latent, global_mid=plan.vae_global_mid,
+                             progress=tracker.stage(), cancel=tracker.cancel)
             return to_unit_range(x)
-        out = self.decode(z)
+        with self._block_ticks(tracker, "decode"):
+            out = self.decode(z)
         tracker.step()
         return out
 

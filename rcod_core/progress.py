@@ -1,5 +1,6 @@
 """Progress and cancellation of one call: ``progress(done, total)`` after every unit of work (a
-whole-batch stage or a tile) and ``cancel()`` checked between units.
+whole-batch stage or a tile), with fractional ``done`` between units where a unit runs long (see
+:meth:`Progress.tick`), and ``cancel()`` checked between units.
 
 One :class:`Progress` serves a whole call: the tiled functions count tiles on it, the pipeline
 counts stages, and a tiled call nested in a pipeline stage reports through :meth:`Progress.stage`.
@@ -40,6 +41,13 @@ class Progress:
         self.done += n
         if self.progress is not None:
             self.progress(self.done, max(self.total, self.done))
+
+    def tick(self, fraction: float) -> None:
+        """A part (0 < ``fraction`` < 1) of the unit under way is done: a report between two units,
+        for stages that run long as one unit (a UNet pass or a VAE decode on a CPU). ``done`` is
+        then fractional; the next :meth:`advance` reaches the whole unit."""
+        if self.progress is not None and 0.0 < fraction < 1.0:
+            self.progress(self.done + fraction, max(self.total, self.done + 1))
 
     def step(self, n: int = 1) -> None:
         """``n`` units of an untiled stage are done (they join the total unless it was planned)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -163,7 +163,7 @@ def blend_tiles(
             acc[:, a:b, c:d] += tile_out.float() * weights
             wsum[a:b, c:d] += weights
         ticker.advance(len(chunk))
-    return (acc / wsum)[None].to(out_dtype)
+    return acc.div_(wsum)[None].to(out_dtype)  # in place: the accumulator is the output (no second full-size buffer)
 
 
 def _tiled(
@@ -184,10 +184,24 @@ def _tiled(
     B, _, H, W = x.shape
     boxes = tile_grid(H, W, tile, overlap)
     ticker = Progress(progress, cancel, B * len(boxes))
-    outs = []
-    for b in range(B):
-        outs.append(blend_tiles(fn, x[b : b + 1], boxes, scale, batch_tiles, ticker, sigma_scale))
-    return torch.cat(outs)
+    return stack_samples((blend_tiles(fn, x[b : b + 1], boxes, scale, batch_tiles, ticker, sigma_scale)
+                          for b in range(B)), B)
+
+
+def stack_samples(results: Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """Per-sample results (1, ...) → one (count, ...) tensor, each written into place as it comes
+    (``torch.cat`` of a list would hold every result and the output at once); a batch of one is
+    returned as it is, with no copy of a full-size output."""
+    buf: Optional[torch.Tensor] = None
+    for i, r in enumerate(results):
+        if count == 1:
+            return r
+        if buf is None:
+            buf = r.new_empty((count, *r.shape[1:]))
+        buf[i : i + 1] = r
+    if buf is None:
+        raise ValueError("stack_samples got no results")
+    return buf
 
 
 def tiled_apply(

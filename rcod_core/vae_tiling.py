@@ -47,7 +47,7 @@ from torch import nn
 
 from .models import vae_factor
 from .progress import CancelFn, Progress, ProgressFn
-from .tiling import DEFAULT_SIGMA_SCALE, Box, blend_tiles, check_tile_args, owned_boxes, tile_grid
+from .tiling import DEFAULT_SIGMA_SCALE, Box, blend_tiles, check_tile_args, owned_boxes, stack_samples, tile_grid
 
 NormStats = Literal["estimate", "exact", "tile"]
 NORM_STATS: tuple[str, ...] = ("estimate", "exact", "tile")
@@ -267,8 +267,7 @@ def _run_vae_tiled(
         ticker.advance(n)
         ticker.check()
 
-    outs = []
-    for b in range(B):
+    def one(b: int) -> torch.Tensor:
         image = x[b : b + 1]
         stats: GroupNormStats = {}
         ticker.check()
@@ -279,8 +278,9 @@ def _run_vae_tiled(
             stats = exact_groupnorm_stats(part, run, image, tile, overlap, batch_tiles, tick)
         ctx = frozen_groupnorm(part, stats) if stats else contextlib.nullcontext()
         with ctx:
-            outs.append(blend_tiles(lambda t, _boxes: run(t), image, boxes, scale, batch_tiles, ticker, sigma_scale))
-    return torch.cat(outs)
+            return blend_tiles(lambda t, _boxes: run(t), image, boxes, scale, batch_tiles, ticker, sigma_scale)
+
+    return stack_samples((one(b) for b in range(B)), B)
 
 
 def vae_tile_units(h: int, w: int, tile: int, overlap: int, batch: int = 1, norm_stats: NormStats = "estimate",

@@ -42,7 +42,10 @@ def test_trainer_and_pipeline_compute_the_same_forward_bitwise(tmp_path, kind):
     x0_pipe = pipe.denoise(prepared.z_l, prepared.tokens, t)
 
     model.train()
-    out = model(prepared.lr_up, t, lr=lr)  # the trainer's call (trainer/engine.py: self.generator(...))
+    from rcod_core.imageops import resize
+
+    lr_up = resize(lr, (64, 64), "bicubic")  # what prepare encoded (it keeps lr_up only for a colour fix)
+    out = model(lr_up, t, lr=lr)  # the trainer's call (trainer/engine.py: self.generator(...))
     assert out.x_pred.requires_grad and out.z_pred.requires_grad
     assert torch.equal(out.z_l, prepared.z_l)
     assert torch.equal(out.tokens, prepared.tokens)

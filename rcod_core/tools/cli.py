@@ -147,6 +147,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         else:
             tqdm.write(f"{who}FAILED {res.source}: {res.message}", file=sys.stderr)
 
+    if args.max_memory is not None and pipe.device.type == "cpu":
+        from rcod_core.devices import bound_cpu_heap
+
+        bound_cpu_heap()  # the budget holds for the process's memory, not only for live tensors
     results = upscale_files(
         pipe, mine, out_dir, fmt=args.format, outputs=[o for _, o in mine_planned], overwrite=args.overwrite, seed=args.seed, on_result=report,
         realism=_parse_realism(args.realism), scale=None if args.size else args.scale, size=args.size,
