@@ -6,6 +6,7 @@ and t stay in sync, and a queued workflow shows M_L / t on the nodes. Screenshot
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ UI_WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.na
 # the frontend's own Vue TypeError (with or without custom nodes), and its registry look-ups (api.comfy.org),
 # blocked offline by its own Content Security Policy
 HARMLESS = ("reading 'id'", "https://api.comfy.org/")
+if os.environ.get("RCOD_FRONT_END_ROOT"):
+    # a newer frontend than the server pins asks for APIs that server lacks (its job list)
+    HARMLESS += ("[Jobs API]", "Failed to fetch queue", "Content Security Policy")
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +88,12 @@ def test_ui_workflow_loads(page, server, path):
     info = server.get("/object_info")
     load_graph(page, graph)
     page.wait_for_timeout(500)
-    nodes = page.evaluate("""() => (window.app.graph._nodes || window.app.graph.nodes).map(n => ({
+    nodes = page.evaluate("""() => ((window.app.canvas?.graph || window.app.graph)._nodes || (window.app.canvas?.graph || window.app.graph).nodes).map(n => ({
         id: n.id, type: n.type, widgets: (n.widgets || []).map(w => [w.name, w.value]),
         inputs: (n.inputs || []).map(i => i.name)}))""")
-    by_id = {n["id"]: n for n in nodes}
+    by_id = {str(n["id"]): n for n in nodes}  # numbers in frontend 1.32, strings in newer ones
     for saved in graph["nodes"]:
-        node = by_id[saved["id"]]
+        node = by_id[str(saved["id"])]
         assert node["type"] == saved["type"]
         if not saved["type"].startswith("RCOD"):
             continue
@@ -114,7 +118,7 @@ def test_ui_workflow_opens_fully_visible_without_overlap(page, path):
     close_dialogs(page)
     info = page.evaluate("""() => {
         const c = window.app.canvas, ds = c.ds, el = c.canvas, r = el.getBoundingClientRect();
-        const nodes = window.app.graph._nodes || window.app.graph.nodes;
+        const g = window.app.canvas?.graph || window.app.graph, nodes = g._nodes || g.nodes;
         return {scale: ds.scale, nodes: nodes.map(n => {
             const b = Array.from(n.getBounding());
             const corners = [[b[0] + 6, b[1] + 6], [b[0] + b[2] - 6, b[1] + 6], [b[0] + 6, b[1] + b[3] - 6],
@@ -163,7 +167,7 @@ def test_preset_and_t_stay_in_sync(page):
     graph = json.loads((ROOT / "workflows" / "rcod_presets_side_by_side.json").read_text())
     load_graph(page, graph)
     result = page.evaluate("""() => {
-        const n = (window.app.graph._nodes || window.app.graph.nodes).find(n => n.type === "RCODDenoise");
+        const n = ((window.app.canvas?.graph || window.app.graph)._nodes || (window.app.canvas?.graph || window.app.graph).nodes).find(n => n.type === "RCODDenoise");
         const w = (name) => n.widgets.find(w => w.name === name);
         const preset = w("preset"), t = w("t");
         preset.value = "Realism"; preset.callback(preset.value);
@@ -182,7 +186,7 @@ def test_queue_shows_metric_and_t(page):
     shown = {}
     end = time.time() + 240
     while time.time() < end:
-        shown = page.evaluate("""() => Object.fromEntries((window.app.graph._nodes || window.app.graph.nodes)
+        shown = page.evaluate("""() => Object.fromEntries(((window.app.canvas?.graph || window.app.graph)._nodes || (window.app.canvas?.graph || window.app.graph).nodes)
             .filter(n => n.rcodValues).map(n => [n.type, n.rcodValues]))""")
         if "RCODLatentMetric" in shown and "RCODDenoise" in shown:
             break
