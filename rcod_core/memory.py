@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -47,9 +48,10 @@ OVERLAP_FRACTION = 1 / 3
 CPU_FALLBACK_BUDGET = 16 * 2**30
 #: full-size float32 buffers alive beside the tiles, bytes per output pixel (the pipeline's own):
 #: encode — the upscaled LR and the VAE input (3 channels each); decode — the output accumulator
-#: (3) and its weight sum (1), and the colour-fix reference (3)
+#: (3) and its weight sum (1); plus the upscaled LR (3) while decoding when a colour fix needs it
 ENCODE_BUFFER_BYTES_PER_PX = 24
-DECODE_BUFFER_BYTES_PER_PX = 28
+DECODE_BUFFER_BYTES_PER_PX = 16
+REFERENCE_BYTES_PER_PX = 12
 #: UNet tiles run together in one batch (the pipeline's tiled UNet pass)
 UNET_BATCH_TILES = 4
 #: the UNet's whole-latent buffers beside its tiles (z_L, the blended z_H, weights), per latent pixel
@@ -171,13 +173,16 @@ def _fit_tile(h: int, w: int, whole: float, tile: Callable[[int], float], budget
     return minimum
 
 
-def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, latent_factor: int = 8) -> TilePlan:
+def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, latent_factor: int = 8,
+                    reference: bool = False) -> TilePlan:
     """A :class:`TilePlan` from a pipeline's measured :class:`~rcod_core.memprobe.StageCosts`: each
     stage untiled when its whole-image cost fits ``budget`` × :data:`MEASURED_MARGIN`, else the
     largest tiles whose cost — the tiles run at once (:data:`UNET_BATCH_TILES` for the UNet), what
     the tiled call runs once on the whole latent, and the full-size buffers beside them — fits.
     Where even the smallest tiles do not fit beside the whole-latent VAE mid block, the mid block
-    runs inside the tiles (``vae_global_mid=False``): memory then stays bounded for any size."""
+    runs inside the tiles (``vae_global_mid=False``): memory then stays bounded for any size.
+    ``reference``: the upscaled LR stays alive for a colour fix. A budget below what the smallest
+    tiles and the full-size buffers need gets those smallest tiles and a ``RuntimeWarning``."""
     from .tiling import tile_grid
 
     if out_h < 1 or out_w < 1:
@@ -199,13 +204,23 @@ def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, la
     unet = _fit_tile(lh, lw, costs.unet(lat), unet_tile, b)
     # the whole-latent mid block when it fits beside the smallest tiles (global attention), else in the tiles
     smallest = area(MIN_LATENT_TILE) * f * f
-    global_mid = (max(costs.decode(smallest) + costs.decode_global(lat) + DECODE_BUFFER_BYTES_PER_PX * px,
-                      costs.encode(smallest) + costs.encode_global(lat) + ENCODE_BUFFER_BYTES_PER_PX * px) <= b)
+    dec_buffers = (DECODE_BUFFER_BYTES_PER_PX + (REFERENCE_BYTES_PER_PX if reference else 0)) * px
+    enc_buffers = ENCODE_BUFFER_BYTES_PER_PX * px
+    global_mid = (max(costs.decode(smallest) + costs.decode_global(lat) + dec_buffers,
+                      costs.encode(smallest) + costs.encode_global(lat) + enc_buffers) <= b)
     g_dec, g_enc = (costs.decode_global(lat), costs.encode_global(lat)) if global_mid else (0.0, 0.0)
-    dec = _fit_tile(lh, lw, costs.decode(px) + 12 * px, lambda t: costs.decode(area(t) * f * f)
-                    + g_dec + DECODE_BUFFER_BYTES_PER_PX * px, b)
-    enc = _fit_tile(lh, lw, costs.encode(px) + 12 * px, lambda t: costs.encode(area(t) * f * f)
-                    + g_enc + ENCODE_BUFFER_BYTES_PER_PX * px, b)
+    whole_extra = (REFERENCE_BYTES_PER_PX if reference else 0) * px
+    dec = _fit_tile(lh, lw, costs.decode(px) + whole_extra, lambda t: costs.decode(area(t) * f * f)
+                    + g_dec + dec_buffers, b)
+    enc = _fit_tile(lh, lw, costs.encode(px) + REFERENCE_BYTES_PER_PX * px, lambda t: costs.encode(area(t) * f * f)
+                    + g_enc + enc_buffers, b)
+    least = max(costs.decode(smallest) + g_dec + dec_buffers, costs.encode(smallest) + g_enc + enc_buffers,
+                min(UNET_BATCH_TILES, len(tile_grid(lh, lw, MIN_LATENT_TILE, _overlap(MIN_LATENT_TILE, q))))
+                * costs.unet(area(MIN_LATENT_TILE)) + UNET_BUFFER_BYTES_PER_LATENT_PX * lat)
+    if least > b:
+        warnings.warn(f"a memory budget of {budget / 2**20:.0f} MB cannot hold a {out_w}x{out_h} output: the "
+                      f"smallest tiles and the full-size buffers need about {least / MEASURED_MARGIN / 2**20:.0f} MB; "
+                      f"running with the smallest tiles", RuntimeWarning, stacklevel=3)
     return TilePlan(
         latent_tile=unet,
         latent_overlap=_overlap(unet, q),

@@ -240,7 +240,7 @@ class RCODPipeline:
 
     # -- all together --------------------------------------------------------------------------
     def plan_tiles(self, height: int, width: int, tile: TileSpec = "none", tile_overlap: int = 32,
-                   max_memory: int | None = None) -> Optional[TilePlan]:
+                   max_memory: int | None = None, color_fix: ColorFix = "none") -> Optional[TilePlan]:
         """Tile sizes for a (padded) output of ``height`` × ``width``: ``"none"``, ``"auto"`` (the
         largest tiles that fit ``max_memory`` bytes or the device's free memory; untiled when the
         whole image fits) or an int latent tile (all stages; VAE encode tiles are ``tile`` × 8 px)."""
@@ -255,7 +255,8 @@ class RCODPipeline:
                                 vae_dtype_bytes=torch.finfo(self.vae_dtype).bits // 8, latent_factor=self.latent_factor)
             if not roomy.tiled:
                 return None
-            plan = plan_from_costs(height, width, self.stage_costs(), budget, self.latent_factor)
+            plan = plan_from_costs(height, width, self.stage_costs(), budget, self.latent_factor,
+                                   reference=color_fix != "none")
             return plan if plan.tiled else None
         if isinstance(tile, str):
             if not tile.isdigit():
@@ -310,7 +311,8 @@ class RCODPipeline:
         tracker.check()
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
         m = self.size_multiple
-        plan = self.plan_tiles(-(-out_h // m) * m, -(-out_w // m) * m, tile, tile_overlap, max_memory)  # padded size
+        plan = self.plan_tiles(-(-out_h // m) * m, -(-out_w // m) * m, tile, tile_overlap, max_memory,  # padded size
+                               color_fix)
         images = images.to(self.device, torch.float32)
         state = self.condition(images)
         lr_up = resize(images, (out_h, out_w), resampler)

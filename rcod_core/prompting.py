@@ -35,8 +35,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def preprocess_for_clip(images: torch.Tensor, mode: PreprocessMode = "official", size: int = 224) -> torch.Tensor:
     """(B, 3, H, W) images in [0, 1] → the CLIP vision input (B, 3, size, size)."""
     if mode == "official":
-        x = images * 2.0 - 1.0
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        # the release maps to [-1, 1] first; resizing first is the same linear map (the filter's weights
+        # sum to 1) without two full-size copies of a large image
+        x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return x.mul_(2.0).sub_(1.0)
     if mode == "normalized":
         x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)

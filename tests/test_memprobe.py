@@ -76,6 +76,16 @@ def test_plan_from_costs_is_monotone_and_untiled_when_it_fits():
     assert plans[-1].vae_decode_tile_latent is not None and plans[-1].vae_encode_tile_px is not None
     with pytest.raises(ValueError, match="budget must be positive"):
         plan_from_costs(512, 512, costs, 0)
+    # 16 MP: the output accumulator alone is 268 MB; the plan says it cannot be held, and runs smallest
+    with pytest.warns(RuntimeWarning, match="cannot hold a 4096x4096 output"):
+        tight = plan_from_costs(4096, 4096, costs, 200 * 2**20)
+    assert tight.vae_decode_tile_latent == 32 and not tight.vae_global_mid
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roomy = plan_from_costs(4096, 4096, costs, 2**30)
+    assert roomy.vae_decode_tile_latent > 32
 
 
 RSS_CHILD = r"""
