@@ -112,6 +112,21 @@ def _overlap(tile: Optional[int], quantum: int) -> int:
     return min(tile - quantum, max(quantum, quantum * round(tile * OVERLAP_FRACTION / quantum)))
 
 
+def _plan(unet: Optional[int], encode: Optional[int], decode: Optional[int], latent_factor: int,
+          global_mid: bool = True) -> TilePlan:
+    """A :class:`TilePlan` from each stage's latent tile side (None: untiled), with the overlaps."""
+    q, f = LATENT_QUANTUM, latent_factor
+    return TilePlan(
+        latent_tile=unet,
+        latent_overlap=_overlap(unet, q),
+        vae_encode_tile_px=None if encode is None else encode * f,
+        vae_encode_overlap_px=_overlap(encode, q) * f,
+        vae_decode_tile_latent=decode,
+        vae_decode_overlap_latent=_overlap(decode, q),
+        vae_global_mid=global_mid,
+    )
+
+
 def choose_tile(
     out_h: int,
     out_w: int,
@@ -149,14 +164,7 @@ def choose_tile(
     # VAE decode: the cost is per output pixel = latent pixel × f²
     dec = _largest_tile(lh, lw, budget / (vae_decode_elements * vae_dtype_bytes * f * f), q, MIN_LATENT_TILE)
     enc_lat = _largest_tile(lh, lw, budget / (vae_encode_elements * vae_dtype_bytes * f * f), q, MIN_LATENT_TILE)
-    return TilePlan(
-        latent_tile=unet,
-        latent_overlap=_overlap(unet, q),
-        vae_encode_tile_px=None if enc_lat is None else enc_lat * f,
-        vae_encode_overlap_px=_overlap(enc_lat, q) * f,
-        vae_decode_tile_latent=dec,
-        vae_decode_overlap_latent=_overlap(dec, q),
-    )
+    return _plan(unet, enc_lat, dec, f)
 
 
 def _fit_tile(h: int, w: int, whole: float, tile: Callable[[int], float], budget: float,
@@ -221,12 +229,4 @@ def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, la
         warnings.warn(f"a memory budget of {budget / 2**20:.0f} MB cannot hold a {out_w}x{out_h} output: the "
                       f"smallest tiles and the full-size buffers need about {least / MEASURED_MARGIN / 2**20:.0f} MB; "
                       f"running with the smallest tiles", RuntimeWarning, stacklevel=3)
-    return TilePlan(
-        latent_tile=unet,
-        latent_overlap=_overlap(unet, q),
-        vae_encode_tile_px=None if enc is None else enc * f,
-        vae_encode_overlap_px=_overlap(enc, q) * f,
-        vae_decode_tile_latent=dec,
-        vae_decode_overlap_latent=_overlap(dec, q),
-        vae_global_mid=global_mid or (dec is None and enc is None),
-    )
+    return _plan(unet, enc, dec, f, global_mid or (dec is None and enc is None))
