@@ -95,10 +95,17 @@ assert tuple(out.shape) == (1, 96, 96, 3) and t == 500
 loaded = [m.model for m in mm.current_loaded_models]
 assert any(m is patcher for m in loaded), loaded
 print("loaded:", [type(m.model).__name__ for m in loaded], patcher.loaded_size())
+# another model asks for more memory than there is: ComfyUI's free_memory (what load_models_gpu runs
+# on a GPU before loading) unloads ours; the next node call loads it again and gives the same image
+mm.free_memory(10**15, patcher.load_device)
+assert not any(m.model is patcher for m in mm.current_loaded_models), "free_memory kept our model loaded"
+(again, _) = ext.NODE_CLASS_MAPPINGS["RCODUpscale"]().upscale(pipe, image)["result"]
+assert any(m.model is patcher for m in mm.current_loaded_models) and torch.equal(again, out)
+print("freed and reloaded: same image")
 mm.unload_all_models()
 assert not any(m.model is patcher for m in mm.current_loaded_models)
 ref = weakref.ref(pipe.model)
-del pipe, patcher, loaded, out
+del pipe, patcher, loaded, out, again
 gc.collect()
 assert ref() is None, "the model outlived ComfyUI's references"
 print("OK")
@@ -109,4 +116,4 @@ def test_comfyui_lists_unloads_and_frees_our_model_in_process():
     code = IN_PROCESS.format(tree=str(TREE), root=str(ROOT), init=str(ROOT / "__init__.py"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=TREE, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "loaded: ['ManagedRCOD']" in proc.stdout
+    assert "loaded: ['ManagedRCOD']" in proc.stdout and "freed and reloaded: same image" in proc.stdout
