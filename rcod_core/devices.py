@@ -69,6 +69,16 @@ def cpu_has_native_bf16() -> bool:
 CPU_CHANNELS_LAST: frozenset = frozenset({torch.float32, torch.bfloat16})
 
 
+def computes_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it (Ampere and newer), a
+    CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
 def prefer_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the UNet and VAE run faster in channels_last memory on ``device`` in ``dtype``.
 

@@ -145,7 +145,7 @@ def choose_tile(
     checked on its own (they run one after another): untiled when the whole image fits, else the
     largest tile that fits, never larger than the image. Smaller budget → tiles no larger.
     ``dtype_bytes`` prices the UNet, ``vae_dtype_bytes`` (default: the same) the VAE, which an fp16
-    pipeline of SD 2.1 / SD-Turbo runs in fp32 (``force_upcast``).
+    pipeline of SD 2.1 / SD-Turbo runs in bf16 or, where the device lacks bf16, fp32 (``force_upcast``).
     """
     if out_h < 1 or out_w < 1:
         raise ValueError(f"output size must be positive, got ({out_h}, {out_w})")

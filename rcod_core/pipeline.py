@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
-from .devices import prefer_channels_last
+from .devices import computes_bf16, prefer_channels_last
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
 from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
 from .memory import SAFETY, UNET_BATCH_TILES, TilePlan, choose_tile, free_memory, plan_from_costs
@@ -41,10 +41,13 @@ Realism = Union[str, int, Sequence[int], torch.Tensor]
 TileSpec = Union[str, int, None]
 
 
-def default_vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
+def default_vae_dtype(vae: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
     """The VAE's precision when not given: ``dtype``, except fp16 for a VAE whose config asks to be
-    upcast (SD 2.1's ``force_upcast``: its decoder overflows in fp16) → fp32. bf16 has fp32's range."""
+    upcast (SD 2.1's ``force_upcast``: its decoder overflows in fp16) → bf16 where ``device`` computes
+    it natively (fp32's range at half fp32's bytes and time), else fp32."""
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        if device is not None and computes_bf16(torch.device(device)):
+            return torch.bfloat16
         return torch.float32
     return dtype
 
@@ -101,8 +104,8 @@ class RCODPipeline:
     Args:
         model: the :class:`~rcod_core.model.RCODModel` (modules + forward pieces).
         device, dtype: where and in which precision the UNet and CLIP run.
-        vae_dtype: precision of the VAE (default: ``dtype``, but fp32 for an fp16 pipeline whose VAE
-            config says ``force_upcast``, as SD 2.1's does).
+        vae_dtype: precision of the VAE (default: ``dtype``; for an fp16 pipeline whose VAE config
+            says ``force_upcast``, as SD 2.1's does, bf16 where the device has it, else fp32).
     """
 
     def __init__(self, model: RCODModel, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -111,7 +114,7 @@ class RCODPipeline:
             raise ValueError(f"RCODPipeline needs an RCODModel, got {type(model).__name__}")
         self.model = model
         self.dtype = dtype
-        self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype)
+        self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype, device)
         self._stage_costs: Optional[tuple[tuple, StageCosts]] = None  # (device, dtypes) → measured, see stage_costs
         model.place(device, dtype, self.vae_dtype)
         if prefer_channels_last(self.device, dtype):

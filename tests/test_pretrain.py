@@ -231,3 +231,26 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
     assert not devices.prefer_channels_last(torch.device("mps"), torch.float32)
     assert devices.prefer_channels_last(torch.device("cpu"), torch.bfloat16)  # measured faster (CPU_CHANNELS_LAST)
     assert not devices.prefer_channels_last(torch.device("cpu"), torch.float16)  # not measured: default layout
+
+
+def test_fp16_pipelines_keep_an_upcast_vae_in_bf16_where_the_device_has_it(monkeypatch):
+    """SD 2.1's VAE (force_upcast) overflows in fp16: it runs in bf16 where the device computes bf16
+    (same range as fp32, half the bytes), in fp32 elsewhere; other precisions pass through."""
+    from types import SimpleNamespace
+
+    from rcod_core import devices
+    from rcod_core import pipeline
+
+    upcast = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
+    plain = SimpleNamespace(config=SimpleNamespace(force_upcast=False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert devices.computes_bf16(torch.device("cuda"))
+    assert pipeline.default_vae_dtype(upcast, torch.float16, "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # e.g. a T4
+    assert pipeline.default_vae_dtype(upcast, torch.float16, "cuda") == torch.float32
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert pipeline.default_vae_dtype(upcast, torch.float16, "cpu") == torch.float32
+    assert pipeline.default_vae_dtype(upcast, torch.float16) == torch.float32  # device unknown: the safe choice
+    assert pipeline.default_vae_dtype(plain, torch.float16, "cuda") == torch.float16
+    assert pipeline.default_vae_dtype(upcast, torch.bfloat16, "cuda") == torch.bfloat16
