@@ -171,6 +171,7 @@ class RCODPipeline:
         blocks = {"unet": lambda: [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
                   "encode": lambda: [*vae.encoder.down_blocks, vae.encoder.mid_block],
                   "decode": lambda: [vae.decoder.mid_block, *vae.decoder.up_blocks]}[network]()
+        blocks = [b for b in blocks if b is not None]  # a UNet may have no mid block
         n = len(blocks) + 1
         handles = [b.register_forward_hook(lambda m, args, out, k=k: tracker.tick(k / n)) for k, b in enumerate(blocks, 1)]
         try:
