@@ -210,21 +210,23 @@ def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, la
         return at_once * costs.unet(area(t)) + UNET_BUFFER_BYTES_PER_LATENT_PX * lat
 
     unet = _fit_tile(lh, lw, costs.unet(lat), unet_tile, b)
-    # the whole-latent mid block when it fits beside the smallest tiles (global attention), else in the tiles
-    smallest = area(MIN_LATENT_TILE) * f * f
     dec_buffers = (DECODE_BUFFER_BYTES_PER_PX + (REFERENCE_BYTES_PER_PX if reference else 0)) * px
     enc_buffers = ENCODE_BUFFER_BYTES_PER_PX * px
-    global_mid = (max(costs.decode(smallest) + costs.decode_global(lat) + dec_buffers,
-                      costs.encode(smallest) + costs.encode_global(lat) + enc_buffers) <= b)
+
+    def dec_tile(t: int, whole_latent_part: float) -> float:
+        return costs.decode(area(t) * f * f) + whole_latent_part + dec_buffers
+
+    def enc_tile(t: int, whole_latent_part: float) -> float:
+        return costs.encode(area(t) * f * f) + whole_latent_part + enc_buffers
+
+    # the whole-latent mid block when it fits beside the smallest tiles (global attention), else in the tiles
+    m = MIN_LATENT_TILE
+    global_mid = max(dec_tile(m, costs.decode_global(lat)), enc_tile(m, costs.encode_global(lat))) <= b
     g_dec, g_enc = (costs.decode_global(lat), costs.encode_global(lat)) if global_mid else (0.0, 0.0)
-    whole_extra = (REFERENCE_BYTES_PER_PX if reference else 0) * px
-    dec = _fit_tile(lh, lw, costs.decode(px) + whole_extra, lambda t: costs.decode(area(t) * f * f)
-                    + g_dec + dec_buffers, b)
-    enc = _fit_tile(lh, lw, costs.encode(px) + REFERENCE_BYTES_PER_PX * px, lambda t: costs.encode(area(t) * f * f)
-                    + g_enc + enc_buffers, b)
-    least = max(costs.decode(smallest) + g_dec + dec_buffers, costs.encode(smallest) + g_enc + enc_buffers,
-                min(UNET_BATCH_TILES, len(tile_grid(lh, lw, MIN_LATENT_TILE, _overlap(MIN_LATENT_TILE, q))))
-                * costs.unet(area(MIN_LATENT_TILE)) + UNET_BUFFER_BYTES_PER_LATENT_PX * lat)
+    upscaled_lr = REFERENCE_BYTES_PER_PX * px  # alive while encoding; while decoding only for a colour fix
+    dec = _fit_tile(lh, lw, costs.decode(px) + (upscaled_lr if reference else 0), lambda t: dec_tile(t, g_dec), b)
+    enc = _fit_tile(lh, lw, costs.encode(px) + upscaled_lr, lambda t: enc_tile(t, g_enc), b)
+    least = max(dec_tile(m, g_dec), enc_tile(m, g_enc), unet_tile(m))
     if least > b:
         warnings.warn(f"a memory budget of {budget / 2**20:.0f} MB cannot hold a {out_w}x{out_h} output: the "
                       f"smallest tiles and the full-size buffers need about {least / MEASURED_MARGIN / 2**20:.0f} MB; "
