@@ -159,6 +159,8 @@ class RCODModel(nn.Module):
             raise ValueError("the model needs a VPIM prompt_encoder or fixed prompt_embeds for conditioning")
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.alphas_cumprod = alphas_cumprod(scheduler_config)  # float64, CPU
+        #: the same table where the UNet runs, so that the x0 step reads ᾱ there (no host copy inside a graph)
+        self.alphas_on_device = self.alphas_cumprod
         self.latent_factor = vae_factor(vae)
         # pad so that the latent survives every UNet downsampling exactly (64 px for SD)
         self.size_multiple = self.latent_factor * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -210,7 +212,16 @@ class RCODModel(nn.Module):
             module.to(device=device)
         if self.prompt_embeds is not None:
             self.prompt_embeds = self.prompt_embeds.to(device, dtype)
+        self._alphas_here()
         return self.eval()
+
+    def _alphas_here(self) -> torch.Tensor:
+        """ᾱ on the UNet's device (float64 wherever the device has it; Apple's MPS does not), moved
+        again when a host application has moved the modules."""
+        device = self.device
+        if self.alphas_on_device.device != device:
+            self.alphas_on_device = self.alphas_cumprod.to(device, torch.float32 if device.type == "mps" else torch.float64)
+        return self.alphas_on_device
 
     def to_channels_last(self) -> "RCODModel":
         """channels_last memory for the convolution-heavy UNet and VAE."""
@@ -270,7 +281,7 @@ class RCODModel(nn.Module):
             raise ValueError(f"x0 mode 'base' (ᾱ_999) belongs to the one-step bases, which run at t = 999; on a "
                              f"{self.spec.kind} model at t = {timesteps.reshape(-1)[0].item()} it would scale the "
                              f"latent by 1/sqrt(ᾱ_999) ≈ 14.6: use 'official' or 'paper'")
-        return x0_alpha_bar(timesteps, mode, self.alphas_cumprod, self.spec.fixed_alpha_bar)
+        return x0_alpha_bar(timesteps, mode, self._alphas_here(), self.spec.fixed_alpha_bar)
 
     def eps(self, z_l: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``ε_θ(z_L; t, c)``: one UNet pass at ``timesteps`` (B,)."""

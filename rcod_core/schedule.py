@@ -106,18 +106,23 @@ def x0_alpha_bar(
     Returns a float64 tensor with one value per entry of ``t``.
     ``fixed_alpha_bar`` is required for ``mode="official"`` (see :data:`OFFICIAL_ALPHA_BAR`).
     """
-    tt = check_timestep(t)
+    if isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
+        # inside a compiled graph: no host round trip (the checks read values back); timesteps are
+        # validated where they enter (the pipeline's resolve_timesteps, the trainer's sampling)
+        tt = t.reshape(-1).to(torch.int64)
+    else:
+        tt = check_timestep(t)
     if mode == "paper":
-        return alphas.to(torch.float64)[tt]
+        return alphas.to(torch.float64)[tt.to(alphas.device)]
     if mode == "official":
         if fixed_alpha_bar is None or not (0.0 < float(fixed_alpha_bar) <= 1.0):
             raise ValueError(
                 f"fixed_alpha_bar must be in (0, 1] for x0 mode 'official', got {fixed_alpha_bar!r} "
                 f"(release values: {OFFICIAL_ALPHA_BAR})"
             )
-        return torch.full((tt.numel(),), float(fixed_alpha_bar), dtype=torch.float64)
+        return torch.full((tt.numel(),), float(fixed_alpha_bar), dtype=torch.float64, device=alphas.device)
     if mode == "base":
-        return alphas.to(torch.float64)[torch.full_like(tt, BASE_TIMESTEP)]
+        return alphas.to(torch.float64)[torch.full_like(tt, BASE_TIMESTEP, device=alphas.device)]
     raise ValueError(f"x0 mode must be one of {X0_MODES}, got {mode!r}")
 
 

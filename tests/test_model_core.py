@@ -217,3 +217,23 @@ def test_scan_metric_measures_what_training_groups_by(tmp_path, monkeypatch, cap
     assert (scan["m_min"], scan["m_max"]) == (float(trained.double().min()), float(trained.double().max()))
     rule = grouping_rule(C.build({**cfg, "grouping": {"rule": "paper", "bounds": str(out)}}))
     assert (rule.kind, rule.m_min, rule.m_max) == ("paper", scan["m_min"], scan["m_max"])
+
+
+@pytest.mark.parametrize("kind", ["rcod_o", "rcod_s"])
+def test_the_one_step_forward_traces_as_one_graph(kind):
+    """ε and the x0 step (Eq. 3/4) trace as one graph with no break: no value is read back to the
+    host inside (ᾱ is looked up on the UNet's device), what capturing it as one CUDA graph needs."""
+    from rcod_core.testing.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(kind, seed=0)
+    if pipe.model.conditioning is not None:
+        pipe.select_sample(pipe.condition(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))), None)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    tokens = pipe.prompt(torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2)))
+    t = torch.tensor([499])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pipe.model.denoise)(z, tokens, t)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert pipe.model.alphas_on_device.device == pipe.device
+    with pytest.raises(ValueError, match=r"must be in \[1, 999\]"):
+        pipe.model.denoise(z, tokens, torch.tensor([1000]))  # eager calls still check their timesteps
