@@ -94,16 +94,7 @@ def free_memory(device: torch.device | str | None = None) -> int:
 def _largest_tile(h: int, w: int, max_area: float, quantum: int, minimum: int) -> Optional[int]:
     """None if the whole h × w fits in ``max_area``; else the largest tile (multiple of ``quantum``,
     at least ``minimum``) whose tiles, ``min(t, h) × min(t, w)``, fit."""
-    if h * w <= max_area:
-        return None
-    best = minimum
-    t = quantum * math.ceil(max(h, w) / quantum)
-    while t > minimum:
-        if min(t, h) * min(t, w) <= max_area:
-            best = t
-            break
-        t -= quantum
-    return best
+    return _fit_tile(h, w, h * w, lambda t: min(t, h) * min(t, w), max_area, quantum, minimum)
 
 
 def _overlap(tile: Optional[int], quantum: int) -> int:

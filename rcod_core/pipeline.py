@@ -163,14 +163,14 @@ class RCODPipeline:
         """On a CPU, report progress after each block of the network that runs as one unit
         (``"unet"``, ``"encode"``, ``"decode"``): a 512² SD 2.1 UNet pass or VAE decode takes
         seconds there. Off elsewhere, and for compiled modules (a hook would break their graph)."""
-        unet, vae = self.model.unet, self.model.vae
-        modules = {"unet": unet, "encode": vae.encoder, "decode": vae.decoder}[network]
-        if tracker is None or tracker.progress is None or self.device.type != "cpu" or hasattr(modules, "_orig_mod"):
+        module = {"unet": self.model.unet, "encode": self.model.vae.encoder, "decode": self.model.vae.decoder}[network]
+        if tracker is None or tracker.progress is None or self.device.type != "cpu" or hasattr(module, "_orig_mod"):
             yield
             return
-        blocks = {"unet": lambda: [*unet.down_blocks, unet.mid_block, *unet.up_blocks],
-                  "encode": lambda: [*vae.encoder.down_blocks, vae.encoder.mid_block],
-                  "decode": lambda: [vae.decoder.mid_block, *vae.decoder.up_blocks]}[network]()
+        if network == "decode":
+            blocks = [module.mid_block, *module.up_blocks]
+        else:
+            blocks = [*module.down_blocks, module.mid_block, *getattr(module, "up_blocks", [])]
         blocks = [b for b in blocks if b is not None]  # a UNet may have no mid block
         n = len(blocks) + 1
         handles = [b.register_forward_hook(lambda m, args, out, k=k: tracker.tick(k / n)) for k, b in enumerate(blocks, 1)]
@@ -372,10 +372,7 @@ class RCODPipeline:
         """``prepared`` with a tile plan (see :meth:`plan_tiles`) for the stages still to run on it,
         for a batch whose encode happened elsewhere (a LATENT from another node); ``passes``: the
         (UNet passes, decodes) that follow, whose tiles make its tracker's planned progress total."""
-        f = self.latent_factor
-        hw = (prepared.z_l.shape[-2] * f, prepared.z_l.shape[-1] * f)
-        plan = self.plan_tiles(*hw, tile, tile_overlap, max_memory)
-        units = self._stage_units(plan, hw, prepared.z_l.shape[0])
+        plan, units = self._latent_plan(prepared.z_l, tile, tile_overlap, max_memory)
         if prepared.tracker is not None:
             prepared.tracker.plan(passes[0] * units["unet"] + passes[1] * units["decode"])
         return dataclasses.replace(prepared, plan=plan, units=units)
@@ -386,12 +383,17 @@ class RCODPipeline:
                        cancel: CancelFn = None) -> torch.Tensor:
         """Scaled latents (B, C, h, w) → images in [0, 1], the VAE decoder run in tiles per ``tile``
         (as in :meth:`prepare`: ``"auto"`` tiles only what does not fit ``max_memory``)."""
-        f = self.latent_factor
-        hw = (z.shape[-2] * f, z.shape[-1] * f)
-        plan = self.plan_tiles(*hw, tile, tile_overlap, max_memory)
+        plan, units = self._latent_plan(z, tile, tile_overlap, max_memory)
         tracker = Progress(progress, cancel)
-        tracker.plan(self._stage_units(plan, hw, z.shape[0])["decode"])
+        tracker.plan(units["decode"])
         return self._decode_planned(z.to(self.device), plan, tracker)
+
+    def _latent_plan(self, z: torch.Tensor, tile: TileSpec, tile_overlap: int,
+                     max_memory: int | None) -> tuple[Optional[TilePlan], dict]:
+        """The tile plan and progress units for the stages after the encode of latents ``z``."""
+        hw = (z.shape[-2] * self.latent_factor, z.shape[-1] * self.latent_factor)
+        plan = self.plan_tiles(*hw, tile, tile_overlap, max_memory)
+        return plan, self._stage_units(plan, hw, z.shape[0])
 
     @torch.no_grad()
     def unet_step(self, prepared: "Prepared", timesteps: torch.Tensor, x0_mode: X0Mode | None = None) -> torch.Tensor:

@@ -192,15 +192,17 @@ def stack_samples(results: Iterable[torch.Tensor], count: int) -> torch.Tensor:
     """Per-sample results (1, ...) → one (count, ...) tensor, each written into place as it comes
     (``torch.cat`` of a list would hold every result and the output at once); a batch of one is
     returned as it is, with no copy of a full-size output."""
-    buf: Optional[torch.Tensor] = None
-    for i, r in enumerate(results):
-        if count == 1:
-            return r
-        if buf is None:
-            buf = r.new_empty((count, *r.shape[1:]))
-        buf[i : i + 1] = r
-    if buf is None:
+    results = iter(results)
+    first = next(results, None)
+    if first is None:
         raise ValueError("stack_samples got no results")
+    if count == 1:
+        return first
+    buf = first.new_empty((count, *first.shape[1:]))
+    buf[:1] = first
+    del first
+    for i, r in enumerate(results, 1):
+        buf[i : i + 1] = r
     return buf
 
 

@@ -47,7 +47,8 @@ from torch import nn
 
 from .models import vae_factor
 from .progress import CancelFn, Progress, ProgressFn
-from .tiling import DEFAULT_SIGMA_SCALE, Box, blend_tiles, check_tile_args, owned_boxes, stack_samples, tile_grid
+from .tiling import (DEFAULT_SIGMA_SCALE, Box, blend_tiles, check_tile_args, owned_boxes, stack_samples, tile_grid,
+                     tile_units)
 
 NormStats = Literal["estimate", "exact", "tile"]
 NORM_STATS: tuple[str, ...] = ("estimate", "exact", "tile")
@@ -289,10 +290,10 @@ def vae_tile_units(h: int, w: int, tile: int, overlap: int, batch: int = 1, norm
     ``h × w`` (pixels for encode, latent pixels for decode): one per image that fits a tile, else
     one per tile and pass (``exact`` statistics add a pass per GroupNorm of the tiled part,
     ``groupnorms``)."""
+    units = tile_units(h, w, tile, overlap, batch)
     if h <= tile and w <= tile:
-        return batch
-    passes = 1 + (groupnorms if norm_stats == "exact" else 0)
-    return batch * len(tile_grid(h, w, tile, overlap)) * passes
+        return units
+    return units * (1 + (groupnorms if norm_stats == "exact" else 0))
 
 
 def _check_vae(vae: nn.Module) -> None:

@@ -51,6 +51,13 @@ def _denoise(latent: list, **inputs) -> dict:
                                                     "x0_mode": "model default", "mask_t0": 250, **inputs}}
 
 
+def _upscale(image: list) -> dict:
+    """RCOD Upscale with the settings of the stage chains (untiled, Neutral), as their reference."""
+    return {"class_type": "RCODUpscale", "inputs": {**RCOD, "image": image, "scale": 4.0, "preset": "Neutral", "t": T,
+                                                    "x0_mode": "model default", "tiling": "none", "tile_size": 64,
+                                                    "tile_overlap": 16, "color_fix": "none"}}
+
+
 def _images(server, prompt: dict, hist: dict) -> dict[str, np.ndarray]:
     """SaveImage prefix → the saved image as uint8 (H, W, 3)."""
     out = {}
@@ -105,9 +112,7 @@ def test_rcod_latents_decode_with_core_vae_decode(server, lr_image):
         "13": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["3", 0]}},
         "14": {"class_type": "RCODDecode", "inputs": {**RCOD, "latent": ["11", 0]}},
         "15": _save("mix_rcod_decode", ["14", 0]),
-        "16": {"class_type": "RCODUpscale", "inputs": {**RCOD, "image": ["1", 0], "scale": 4.0, "preset": "Neutral",
-                                                       "t": T, "x0_mode": "model default", "tiling": "none",
-                                                       "tile_size": 64, "tile_overlap": 16, "color_fix": "none"}},
+        "16": _upscale(["1", 0]),
         "17": _save("mix_upscale", ["16", 0]),
         # z_L itself (RCOD Encode's raw latent) through both decoders
         "18": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["3", 0]}},
@@ -140,9 +145,7 @@ def test_saved_and_loaded_rcod_latent_denoises_with_the_lr_image(server, lr_imag
         "11": _denoise(["10", 0], image=["1", 0]),
         "12": {"class_type": "RCODDecode", "inputs": {**RCOD, "latent": ["11", 0]}},
         "13": _save("mix_loadlatent", ["12", 0]),
-        "16": {"class_type": "RCODUpscale", "inputs": {**RCOD, "image": ["1", 0], "scale": 4.0, "preset": "Neutral",
-                                                       "t": T, "x0_mode": "model default", "tiling": "none",
-                                                       "tile_size": 64, "tile_overlap": 16, "color_fix": "none"}},
+        "16": _upscale(["1", 0]),
         "17": _save("mix_upscale", ["16", 0]),
     })
     _, im = _run(server, prompt)
