@@ -95,6 +95,14 @@ def check_timestep(t: TimestepLike, name: str = "t", high: int = NUM_TRAIN_TIMES
     return tt
 
 
+def values_unreadable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values must not be read back to the host here: inside a traced graph
+    (``torch.compile``), while a CUDA graph is being captured, or on the ``meta`` device (shapes only)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def x0_alpha_bar(
     t: TimestepLike,
     mode: X0Mode,
@@ -106,9 +114,9 @@ def x0_alpha_bar(
     Returns a float64 tensor with one value per entry of ``t``.
     ``fixed_alpha_bar`` is required for ``mode="official"`` (see :data:`OFFICIAL_ALPHA_BAR`).
     """
-    if isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
-        # inside a compiled graph: no host round trip (the checks read values back); timesteps are
-        # validated where they enter (the pipeline's resolve_timesteps, the trainer's sampling)
+    if isinstance(t, torch.Tensor) and values_unreadable(t):
+        # no host round trip here (the checks read values back); timesteps are validated where
+        # they enter (the pipeline's resolve_timesteps, the trainer's sampling)
         tt = t.reshape(-1).to(torch.int64)
     else:
         tt = check_timestep(t)
