@@ -116,6 +116,8 @@ class RCODPipeline:
         self.dtype = dtype
         self.vae_dtype = vae_dtype or default_vae_dtype(model.vae, dtype, device)
         self._stage_costs: Optional[tuple[tuple, StageCosts]] = None  # (device, dtypes) → measured, see stage_costs
+        #: pad inputs up to multiples of this many output pixels (0: only what the UNet needs); see set_shape_bucket
+        self.shape_bucket = 0
         model.place(device, dtype, self.vae_dtype)
         if prefer_channels_last(self.device, dtype):
             self.to_channels_last()  # convolution-heavy: NHWC kernels where measured faster
@@ -152,6 +154,26 @@ class RCODPipeline:
         """Use channels_last memory for the convolution-heavy UNet and VAE (a GPU speed-up)."""
         self.model.to_channels_last()
         return self
+
+    def set_shape_bucket(self, pixels: int) -> "RCODPipeline":
+        """Pad every input up to multiples of ``pixels`` (a multiple of :attr:`size_multiple`; 0: only
+        to what the UNet needs) before encoding, and crop the output back.
+
+        Compiled graphs and CUDA graphs are made per input shape; with buckets, images of similar
+        sizes share one, at the cost of up to ``pixels - 1`` padded rows and columns. Padding is by
+        reflection, and the UNet's attention and the VAE's GroupNorm see the padded image, so a
+        bucketed output differs slightly from the unpadded one (away from the border, the
+        difference is at the level of the model's tiling seams)."""
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0 or pixels % self.size_multiple:
+            raise ValueError(f"shape bucket must be 0 or a positive multiple of {self.size_multiple} px "
+                             f"(this model's padding unit), got {pixels!r}")
+        self.shape_bucket = pixels
+        return self
+
+    @property
+    def pad_multiple(self) -> int:
+        """What inputs are padded to: the shape bucket, or the UNet's :attr:`size_multiple`."""
+        return self.shape_bucket or self.size_multiple
 
     def compile(self, mode: str | None = None, **kwargs) -> "RCODPipeline":
         """``torch.compile`` the UNet and the VAE encoder/decoder (and CLIP), in place."""
@@ -314,14 +336,14 @@ class RCODPipeline:
         tracker = Progress(progress, cancel)
         tracker.check()
         out_h, out_w = output_size(images.shape[-2], images.shape[-1], scale, size)
-        m = self.size_multiple
+        m = self.pad_multiple
         plan = self.plan_tiles(-(-out_h // m) * m, -(-out_w // m) * m, tile, tile_overlap, max_memory,  # padded size
                                color_fix)
         images = images.to(self.device, torch.float32)
         state = self.condition(images)
         lr_up = resize(images, (out_h, out_w), resampler)
         tokens = self.prompt(lr_up)
-        padded, _ = pad_to_multiple(lr_up, self.size_multiple)
+        padded, _ = pad_to_multiple(lr_up, m)
         if color_fix == "none":
             lr_up = None  # kept only as the colour-fix reference: one full-size buffer less from here on
         units = self._stage_units(plan, tuple(padded.shape[-2:]), padded.shape[0])

@@ -40,6 +40,18 @@ def _parse_tile(value: str):
     raise argparse.ArgumentTypeError(f"--tile must be auto, none or a latent tile size >= 16, got {value!r}")
 
 
+#: the shape bucket ``--shape-bucket auto`` gives a compiled pipeline: one graph per 128 px of size
+COMPILED_SHAPE_BUCKET = 128
+
+
+def _parse_bucket(value: str):
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) % 8 == 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--shape-bucket must be auto, 0 or a multiple of the model's padding unit (64 px for SD), got {value!r}")
+
+
 def _parse_bytes(value: str) -> int:
     units = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "g": 2 ** 30, "gb": 2 ** 30}
     v = value.strip().lower()
@@ -114,6 +126,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError("--dump records one untiled pass per image: use it with --tile none")
     if args.processing == "release" and (args.size or args.tile != "none" or args.scale != int(args.scale)):
         raise ValueError("--processing release runs the release's scripts: an integer --scale, no --size, --tile none")
+    if args.shape_bucket == "auto":
+        args.shape_bucket = COMPILED_SHAPE_BUCKET if args.compile != "none" and args.processing != "release" else 0
+    elif args.shape_bucket and args.processing == "release":
+        raise ValueError("--processing release pads as the release's scripts do: use it without --shape-bucket")
     state = _process_state()
     device = resolve_device(args.device) if state is None or args.device != "auto" else state.device
     dtype = resolve_dtype(args.dtype, device)
@@ -129,6 +145,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     mine_planned = shard(planned, index, count)
     mine = [f for f, _ in mine_planned]
     pipe = build_pipeline(args, device, dtype)
+    try:
+        pipe.set_shape_bucket(args.shape_bucket)
+    except ValueError as exc:
+        raise ValueError(f"--shape-bucket: {exc}") from None
     if args.compile != "none":
         pipe.compile(mode=None if args.compile == "default" else args.compile)
     color = args.color_fix or pipe.spec.default_color_fix
@@ -284,6 +304,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="output format (16-bit inputs stay 16-bit in png/tif)")
     up.add_argument("--compile", choices=["none", "default", "max-autotune", "reduce-overhead"], default="none",
                     help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
+    up.add_argument("--shape-bucket", type=_parse_bucket, default="auto", metavar="PX",
+                    help=f"pad inputs up to multiples of PX output pixels so that images of similar sizes share one "
+                         f"compiled graph (auto: {COMPILED_SHAPE_BUCKET} with --compile, else 0 = only what the UNet needs)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16 or fp16 on GPU; on CPU bf16 where it computes bf16 natively (AVX-512 BF16, AMX), else fp32)")
     up.add_argument("--seed", type=_parse_seed, default=0,
