@@ -18,10 +18,14 @@ forward meant for CUDA graphs (:func:`capture_hazards`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from .model import RCODModel
+    from .schedule import X0Mode
 
 _aten = torch.ops.aten
 
@@ -81,4 +85,89 @@ def capture_hazards(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[
     return out, mode.hazards
 
 
-__all__ = ["HOST_READS", "CaptureHazards", "capture_hazards"]
+class CapturedDenoise:
+    """The one-step denoise (ε_θ and Eq. 3/4) for one input shape, captured once as one CUDA graph
+    and replayed: no per-kernel launch cost, no host work between the UNet's kernels.
+
+    The graph reads fixed ("static") buffers: a call copies ``z_l``, ``tokens``, ``timesteps`` and,
+    for RCOD_S / S3Diff, the degradation matrices the conditioning selected into them, replays,
+    and returns a copy of the output (so that the next replay cannot overwrite it). ``pool``: a
+    ``torch.cuda.graph_pool_handle()`` shared by several captures that are replayed one at a time.
+    Weights must stay where they are (the graph holds their addresses): capture again after
+    moving, casting or patching the UNet.
+    """
+
+    def __init__(self, model: "RCODModel", z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
+                 x0_mode: "X0Mode | None" = None, warmup: int = 2, pool=None) -> None:
+        device = model.device
+        self._check_device(device)
+        if model.recorder is not None:
+            raise ValueError("cannot capture while the model records its intermediates (they are copied to the host)")
+        self.model, self.x0_mode = model, x0_mode
+        self.z = z_l.detach().to(device).clone()
+        self.tokens = tokens.detach().to(device).clone()
+        self.t = timesteps.detach().to(device, torch.int64).reshape(-1).clone()
+        slot = model.conditioning.unet_slot if model.conditioning is not None else None
+        if slot is not None and slot.matrices is None:
+            raise ValueError(f"a {model.spec.kind} model needs its degradation conditioning before capture (model.condition)")
+        self.slot = slot
+        self.matrices = None if slot is None else slot.matrices.detach().clone()
+        self.key = self.key_of(model, self.z, self.tokens, self.t, x0_mode)
+        self.output = self._capture(warmup, pool)
+
+    @staticmethod
+    def key_of(model: "RCODModel", z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
+               x0_mode: "X0Mode | None") -> tuple:
+        """What a capture is valid for: shapes, dtypes, the x0 mode, the UNet object and where its
+        weights are (a move or cast makes new storage) and, for the guided LoRA, the shape of the
+        selected matrices."""
+        slot = model.conditioning.unet_slot if model.conditioning is not None else None
+        m = None if slot is None or slot.matrices is None else (tuple(slot.matrices.shape), slot.matrices.dtype)
+        weights = next(model.unet.parameters())
+        return (tuple(z_l.shape), z_l.dtype, tuple(tokens.shape), tokens.dtype, timesteps.numel(), x0_mode,
+                id(model.unet), weights.device, weights.dtype, weights.data_ptr(), m)
+
+    def _check_device(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+
+    def _forward(self) -> torch.Tensor:
+        slot, previous = self.slot, None
+        if slot is not None:
+            previous, slot.matrices = slot.matrices, self.matrices  # the graph reads the static copy
+        try:
+            return self.model.denoise(self.z, self.tokens, self.t, self.x0_mode)
+        finally:
+            if slot is not None:
+                slot.matrices = previous
+
+    def _capture(self, warmup: int, pool) -> torch.Tensor:
+        """Warm up on a side stream (lazy initialisation and autotuning stay out of the graph), then
+        record one call."""
+        stream = torch.cuda.Stream(self.z.device)
+        stream.wait_stream(torch.cuda.current_stream(self.z.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream(self.z.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            return self._forward()
+
+    def _replay(self) -> None:
+        self.graph.replay()
+
+    def __call__(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        key = self.key_of(self.model, z_l, tokens, timesteps.reshape(-1), self.x0_mode)
+        if key != self.key:
+            raise ValueError(f"this capture is for inputs {self.key[:5]} on its UNet; called with {key[:5]}")
+        self.z.copy_(z_l)
+        self.tokens.copy_(tokens)
+        self.t.copy_(timesteps.reshape(-1))
+        if self.slot is not None:
+            self.matrices.copy_(self.slot.matrices)
+        self._replay()
+        return self.output.clone()
+
+
+__all__ = ["HOST_READS", "CaptureHazards", "CapturedDenoise", "capture_hazards"]

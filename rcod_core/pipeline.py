@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import CapturedDenoise
 from .colour import COLOR_FIXES, ColorFix, color_fix as apply_color_fix
 from .devices import computes_bf16, prefer_channels_last
 from .grouping import GroupingRule, latent_metric, resolve_realism, select_timestep
@@ -118,6 +120,9 @@ class RCODPipeline:
         self._stage_costs: Optional[tuple[tuple, StageCosts]] = None  # (device, dtypes) → measured, see stage_costs
         #: pad inputs up to multiples of this many output pixels (0: only what the UNet needs); see set_shape_bucket
         self.shape_bucket = 0
+        self._graphs: Optional[OrderedDict] = None  # key → CapturedDenoise, see use_cuda_graphs
+        self._graph_pool = None
+        self.max_graphs = 8
         model.place(device, dtype, self.vae_dtype)
         if prefer_channels_last(self.device, dtype):
             self.to_channels_last()  # convolution-heavy: NHWC kernels where measured faster
@@ -174,6 +179,42 @@ class RCODPipeline:
     def pad_multiple(self) -> int:
         """What inputs are padded to: the shape bucket, or the UNet's :attr:`size_multiple`."""
         return self.shape_bucket or self.size_multiple
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 8) -> "RCODPipeline":
+        """Replay the one-step denoise (ε and Eq. 3/4) as CUDA graphs, captured once per input shape
+        (:class:`~rcod_core.capture.CapturedDenoise`; the ``max_graphs`` most recent are kept, sharing
+        one memory pool). With eager kernels, this removes the launch cost of the UNet's kernels;
+        ``torch.compile(mode="reduce-overhead")`` does the same for compiled ones, so the two are not
+        combined. Shape buckets (:meth:`set_shape_bucket`) bound the number of shapes."""
+        if enabled:
+            if not self._cuda_graph_device():
+                raise ValueError(f"CUDA graphs need the pipeline on a CUDA device; it is on {self.device}")
+            if isinstance(self.unet, torch._dynamo.eval_frame.OptimizedModule):
+                raise ValueError("the UNet is compiled: use torch.compile's mode='reduce-overhead' for its CUDA graphs")
+            if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+                raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
+        self._graphs = OrderedDict() if enabled else None
+        self._graph_pool = None
+        self.max_graphs = max_graphs
+        return self
+
+    def _cuda_graph_device(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _replayed(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
+                  x0_mode: X0Mode | None) -> torch.Tensor:
+        """:meth:`denoise` by a CUDA graph of this shape, captured on first use."""
+        timesteps = check_timestep(timesteps)  # checked here: a capture cannot read them back
+        key = CapturedDenoise.key_of(self.model, z_l, tokens, timesteps, x0_mode)
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = CapturedDenoise(self.model, z_l, tokens, timesteps, x0_mode, pool=self._graph_pool)
+        self._graphs[key] = graph  # most recent last
+        return graph(z_l, tokens, timesteps)
 
     def compile(self, mode: str | None = None, **kwargs) -> "RCODPipeline":
         """``torch.compile`` the UNet and the VAE encoder/decoder (and CLIP), in place."""
@@ -256,7 +297,10 @@ class RCODPipeline:
     @torch.no_grad()
     def denoise(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
                 x0_mode: X0Mode | None = None) -> torch.Tensor:
-        """One UNet pass at ``timesteps`` (B,) and the x0 conversion; fp32 latents out."""
+        """One UNet pass at ``timesteps`` (B,) and the x0 conversion; fp32 latents out (replayed as a
+        CUDA graph after :meth:`use_cuda_graphs`)."""
+        if self._graphs is not None and self._cuda_graph_device() and self.model.recorder is None:
+            return self._replayed(z_l, tokens, timesteps, x0_mode)
         return self.model.denoise(z_l, tokens, timesteps, x0_mode)
 
     @torch.no_grad()

@@ -54,7 +54,9 @@ from ..spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")
-COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graph")
+#: not a torch.compile mode: eager kernels, the one-step denoise replayed as a CUDA graph per shape
+CUDA_GRAPH = "cuda-graph"
 STAGES = ("clip", "vae_enc", "unet", "vae_dec")
 SCALE = 4
 REALISM = 499  # timestep given to the UNet's embedding (RCOD_O: x0 uses the fixed alpha-bar)
@@ -476,7 +478,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of fp32,fp16,bf16,auto (auto: what the pipeline picks on this machine; "
                         "default: fp32,auto on CPU, fp16,bf16 on CUDA)")
     p.add_argument("--compile", default=None,
-                   help=f"comma list of torch.compile modes for ours: {', '.join(COMPILE_MODES)} "
+                   help=f"comma list of torch.compile modes for ours, or {CUDA_GRAPH} (eager kernels, the denoise "
+                        f"replayed as a CUDA graph): {', '.join(COMPILE_MODES)} "
                         "(default: none on CPU; none,max-autotune on CUDA)")
     p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off", "both"),
                    help="ours only; auto: what the pipeline picks for the device and dtype; both: measure off and on")
@@ -613,7 +616,7 @@ def run(args: argparse.Namespace) -> int:
             pipe.set_channels_last(channels_last)
             originals = Originals(pipe)
             for mode in modes:
-                compiled = mode != "none"
+                compiled = mode not in ("none", CUDA_GRAPH)
                 for b in batches:
                     lr = lr_cpu[b].to(device)
                     cfg = {"impl": "ours", "dtype": dname, "compile": mode, "channels_last": channels_last, "batch": b}
@@ -622,6 +625,8 @@ def run(args: argparse.Namespace) -> int:
                         if compiled:
                             torch._dynamo.reset()
                             pipe.compile(mode=mode, dynamic=False)
+                        elif mode == CUDA_GRAPH:
+                            pipe.use_cuda_graphs()
                         meter = Meter(device, args.repeats, args.warmup, cudagraph_steps=compiled)
                         warm = max(args.warmup, args.compile_warmup) if compiled else args.warmup
                         res, out = bench_ours(pipe, lr, meter, warm, count=args.flops)
@@ -636,6 +641,7 @@ def run(args: argparse.Namespace) -> int:
                         record({**cfg, "error": _first_line(exc)})
                     finally:
                         originals.restore(pipe)
+                        pipe.use_cuda_graphs(False)
                         if compiled:
                             torch._dynamo.reset()
                         _free(device)

@@ -126,13 +126,18 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError("--dump records one untiled pass per image: use it with --tile none")
     if args.processing == "release" and (args.size or args.tile != "none" or args.scale != int(args.scale)):
         raise ValueError("--processing release runs the release's scripts: an integer --scale, no --size, --tile none")
+    if args.cuda_graphs and args.compile != "none":
+        raise ValueError("--cuda-graphs replays eager kernels; with --compile use --compile reduce-overhead for CUDA graphs")
     if args.shape_bucket == "auto":
-        args.shape_bucket = COMPILED_SHAPE_BUCKET if args.compile != "none" and args.processing != "release" else 0
+        fixed_graphs = args.compile != "none" or args.cuda_graphs
+        args.shape_bucket = COMPILED_SHAPE_BUCKET if fixed_graphs and args.processing != "release" else 0
     elif args.shape_bucket and args.processing == "release":
         raise ValueError("--processing release pads as the release's scripts do: use it without --shape-bucket")
     state = _process_state()
     device = resolve_device(args.device) if state is None or args.device != "auto" else state.device
     dtype = resolve_dtype(args.dtype, device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device; the run is on {device}")
     files = expand_inputs(args.inputs)
     if not files:
         print("no input images found", file=sys.stderr)
@@ -151,6 +156,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError(f"--shape-bucket: {exc}") from None
     if args.compile != "none":
         pipe.compile(mode=None if args.compile == "default" else args.compile)
+    if args.cuda_graphs:
+        pipe.use_cuda_graphs()
     color = args.color_fix or pipe.spec.default_color_fix
     bar = tqdm(total=len(mine), desc=f"rcod upscale [{index + 1}/{count}]" if count > 1 else "rcod upscale",
                unit="img", disable=args.quiet or None, position=index)
@@ -304,9 +311,12 @@ def make_parser() -> argparse.ArgumentParser:
                     help="output format (16-bit inputs stay 16-bit in png/tif)")
     up.add_argument("--compile", choices=["none", "default", "max-autotune", "reduce-overhead"], default="none",
                     help="torch.compile the UNet, VAE and CLIP (GPU; the first images are slower)")
+    up.add_argument("--cuda-graphs", action="store_true",
+                    help="replay the one-step UNet pass as a CUDA graph per input shape (eager kernels, no launch cost)")
     up.add_argument("--shape-bucket", type=_parse_bucket, default="auto", metavar="PX",
                     help=f"pad inputs up to multiples of PX output pixels so that images of similar sizes share one "
-                         f"compiled graph (auto: {COMPILED_SHAPE_BUCKET} with --compile, else 0 = only what the UNet needs)")
+                         f"compiled graph (auto: {COMPILED_SHAPE_BUCKET} with --compile or --cuda-graphs, else 0 = only "
+                         f"what the UNet needs)")
     up.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="precision (auto: bf16 or fp16 on GPU; on CPU bf16 where it computes bf16 natively (AVX-512 BF16, AMX), else fp32)")
     up.add_argument("--seed", type=_parse_seed, default=0,
