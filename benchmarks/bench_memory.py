@@ -9,6 +9,9 @@ buffers (the upscaled LR, the output; each 12 bytes/px in float32).
     python benchmarks/bench_memory.py --family tiny --sizes 512,1024,2048,4096
     python benchmarks/bench_memory.py --family tiny --tile auto --max-memory 300MB --bound-heap
     python benchmarks/bench_memory.py --family sd21_base --sizes 512,1024        # full size, slow on CPU
+    python benchmarks/bench_memory.py --family sd21_base --device cuda --dtype bf16 --sizes 1024,2048 --tile auto --max-memory 2GB
+
+On CUDA each row also gives the peak of ``torch.cuda.max_memory_allocated`` above the loaded weights.
 """
 
 import argparse
@@ -27,10 +30,11 @@ from rcod_core.models import build_models
 from rcod_core.spec import ModelSpec
 torch.set_num_threads({threads})
 dev = torch.device({device!r})
+dtype = getattr(torch, {dtype!r})
 if {family!r} == "tiny":
-    pipe = tiny_pipeline("rcod_o", seed=0, device=dev)
+    pipe = tiny_pipeline("rcod_o", seed=0, device=dev, dtype=dtype)
 else:
-    pipe = assemble(build_models({family!r}), ModelSpec.for_kind("rcod_o"), device=dev,
+    pipe = assemble(build_models({family!r}), ModelSpec.for_kind("rcod_o"), device=dev, dtype=dtype,
                     lora_generator=torch.Generator().manual_seed(1))
 lr = torch.rand(1, 3, {size} // 4, {size} // 4, generator=torch.Generator().manual_seed(0))
 tile, budget = {tile!r}, {budget!r}
@@ -53,7 +57,11 @@ if exact:  # Linux: reset the peak RSS to the current RSS, so the peak is this r
     base_rss = status("VmRSS:")
 else:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cuda_base = None
 if dev.type == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    cuda_base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
 plan = pipe.plan_tiles({size}, {size}, tile, {overlap}, budget) if tile != "none" else None
 t0 = time.perf_counter()
@@ -64,6 +72,7 @@ seconds = time.perf_counter() - t0
 peak = status("VmHWM:") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"size": {size}, "seconds": seconds, "peak_rss": peak, "rss_after_load": base_rss,
                   "cuda_peak": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+                  "cuda_after_load": cuda_base,
                   "shape": list(out.shape), "plan": None if plan is None else str(plan), "bounded_heap": bounded}}))
 """
 
@@ -78,6 +87,7 @@ def main() -> int:
     parser.add_argument("--bound-heap", action="store_true",
                         help="rcod_core.devices.bound_cpu_heap() first (what rcod upscale --max-memory does on CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="UNet/CLIP precision")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -93,7 +103,8 @@ def main() -> int:
           f"{'bounded heap, ' if args.bound_heap else ''}{args.device}, one process per size")
     print(f"{'output':>11} | {'MP':>5} | {'time s':>7} | {'peak RSS':>9} | {'after load':>10} | {'run delta':>9} | {'out buffer':>10}")
     for size in (int(s) for s in args.sizes.split(",")):
-        code = CHILD.format(root=root, threads=args.threads, device=args.device, family=args.family, size=size,
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+        code = CHILD.format(root=root, threads=args.threads, device=args.device, dtype=dtype, family=args.family, size=size,
                             tile=tile, overlap=args.overlap, budget=budget, bound=args.bound_heap)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -104,6 +115,8 @@ def main() -> int:
         delta = r["peak_rss"] - r["rss_after_load"]
         print(f"{size:>5}x{size:<5} | {size * size / 1e6:5.1f} | {r['seconds']:7.1f} | {r['peak_rss'] / gib:7.2f} G | "
               f"{r['rss_after_load'] / gib:8.2f} G | {delta / gib:7.2f} G | {size * size * 12 / gib:8.2f} G"
+              + (f" | CUDA peak above weights {(r['cuda_peak'] - r['cuda_after_load']) / gib:.2f} G"
+                 + (f" (budget {budget / gib:.2f} G)" if budget else "") if r["cuda_peak"] is not None else "")
               + (f" | {r['plan']}" if r["plan"] else ""), flush=True)
         rows.append(r)
     if args.json:

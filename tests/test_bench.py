@@ -52,3 +52,25 @@ def test_flop_count_scales_with_batch():
     one = count_flops(lambda: conv(torch.zeros(1, 8, 10, 10)))
     assert one == 2 * 8 * 16 * 9 * 100  # 2 FLOPs per multiply-add
     assert count_flops(lambda: conv(torch.zeros(3, 8, 10, 10))) == 3 * one
+
+
+def test_gpu_check_runs_its_device_free_part(tmp_path):
+    """The GPU check script: without CUDA its CUDA sections say so, the meta-device hazard check runs
+    and finds nothing in any stage (so a GPU session spends its minutes on measurements, not fixes)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--device", "cpu", "--family", "tiny"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report) == {"env", *module.SECTIONS}
+    for name in ("capture", "rcod_s_capture", "pipeline", "auto_tile"):
+        assert report[name]["skipped"] == "needs CUDA (device cpu)"
+    stages = report["hazards"]
+    assert set(stages) == {"tiny_rcod_o", "tiny_rcod_s", "section_s"}
+    assert all(found == [] for kind in ("tiny_rcod_o", "tiny_rcod_s") for found in stages[kind].values())
+    assert set(stages["tiny_rcod_s"]) == {"condition", "tokens", "encode", "denoise", "decode"}
