@@ -123,7 +123,7 @@ def capture(args, device, dtype) -> dict:
                 "eager_ms": timed_ms(lambda: pipe.model.denoise(z, tokens, t), device, args.repeats),
                 "replay_ms": timed_ms(lambda: graph(z, tokens, t), device, args.repeats),
             }
-        del graph
+        graph = None  # the capture and its memory go before the next batch
     return out
 
 
