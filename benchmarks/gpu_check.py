@@ -15,6 +15,7 @@ this and ``rcod bench`` together.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -38,8 +39,10 @@ SCALE = 4
 T = 499
 
 
+@functools.lru_cache(maxsize=1)
 def rcod_o(family: str, device, dtype):
-    """A random-weight RCOD_O of ``family``'s configs (LoRA merged), as ``rcod bench`` builds it."""
+    """A random-weight RCOD_O of ``family``'s configs (LoRA merged), as ``rcod bench`` builds it; built
+    once and shared by the sections (each leaves it as it found it)."""
     if family == "tiny":
         return tiny_pipeline("rcod_o", seed=0, device=device, dtype=dtype)
     return assemble(build_models(family, seed=0, device="cpu"), ModelSpec.for_kind("rcod_o"), device=device,
