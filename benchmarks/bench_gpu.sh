@@ -15,7 +15,7 @@
 # (default none,cuda-graph,reduce-overhead), CHECK_TIMEOUT / BENCH_TIMEOUT / MEMORY_TIMEOUT (seconds).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/bench_gpu.sh OUT_DIR}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd) || exit 2  # absolute: the steps run from the repository root
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
