@@ -118,14 +118,14 @@ class CapturedDenoise:
     @staticmethod
     def key_of(model: "RCODModel", z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
                x0_mode: "X0Mode | None") -> tuple:
-        """What a capture is valid for: shapes, dtypes, the x0 mode, the UNet object and where its
-        weights are (a move or cast makes new storage) and, for the guided LoRA, the shape of the
-        selected matrices."""
+        """What a capture is valid for, as (inputs, weights): the inputs' shapes and dtypes, the x0
+        mode and, for the guided LoRA, the selected matrices' shape; the UNet object and where its
+        weights are (a move or a cast makes new storage)."""
         slot = model.conditioning.unet_slot if model.conditioning is not None else None
         m = None if slot is None or slot.matrices is None else (tuple(slot.matrices.shape), slot.matrices.dtype)
         weights = next(model.unet.parameters())
-        return (tuple(z_l.shape), z_l.dtype, tuple(tokens.shape), tokens.dtype, timesteps.numel(), x0_mode,
-                id(model.unet), weights.device, weights.dtype, weights.data_ptr(), m)
+        inputs = (tuple(z_l.shape), z_l.dtype, tuple(tokens.shape), tokens.dtype, timesteps.numel(), x0_mode, m)
+        return inputs, (id(model.unet), weights.device, weights.dtype, weights.data_ptr())
 
     def _check_device(self, device: torch.device) -> None:
         if device.type != "cuda":
@@ -160,7 +160,8 @@ class CapturedDenoise:
     def __call__(self, z_l: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         key = self.key_of(self.model, z_l, tokens, timesteps.reshape(-1), self.x0_mode)
         if key != self.key:
-            raise ValueError(f"this capture is for inputs {self.key[:5]} on its UNet; called with {key[:5]}")
+            raise ValueError(f"this capture is for inputs {self.key[0][:5]} on its UNet's weights where they were; "
+                             f"called with {key[0][:5]}" + ("" if key[1] == self.key[1] else " on moved weights"))
         self.z.copy_(z_l)
         self.tokens.copy_(tokens)
         self.t.copy_(timesteps.reshape(-1))

@@ -206,6 +206,9 @@ class RCODPipeline:
         """:meth:`denoise` by a CUDA graph of this shape, captured on first use."""
         timesteps = check_timestep(timesteps)  # checked here: a capture cannot read them back
         key = CapturedDenoise.key_of(self.model, z_l, tokens, timesteps, x0_mode)
+        if any(weights != key[1] for _, weights in self._graphs):  # the UNet moved, was cast or replaced:
+            self._graphs.clear()  # every capture holds stale weight addresses; free them and their pool
+            self._graph_pool = None
         graph = self._graphs.pop(key, None)
         if graph is None:
             while len(self._graphs) >= self.max_graphs:

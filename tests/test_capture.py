@@ -1,6 +1,7 @@
-"""The forward's stages launch only shape-dependent device work (what one CUDA graph per input shape
-needs), checked on the meta device with the capture-hazard detector; the detector finds each kind
-of hazard it names."""
+"""CUDA graphs, on the CPU: the forward's stages launch only shape-dependent device work (what one
+CUDA graph per input shape needs), checked on the meta device with the capture-hazard detector,
+which finds each kind of hazard it names; and the capture / replay plumbing of the pipeline, run with
+a stand-in that replays from the static buffers the way a graph does."""
 
 from __future__ import annotations
 
@@ -191,3 +192,27 @@ def test_cli_cuda_graphs_flag_is_checked_before_loading(tmp_path, capsys):
     assert main([*base, "--compile", "default"]) == 2
     assert "with --compile use --compile reduce-overhead" in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("*"))  # nothing written
+
+
+def test_moved_weights_drop_every_capture(monkeypatch):
+    """A capture holds the weights' addresses: after the UNet's weights move (as a host application's
+    memory manager moves them), the pipeline frees all captures and captures afresh."""
+    from rcod_core import pipeline as P
+
+    monkeypatch.setattr(P, "CapturedDenoise", _stand_in())
+    monkeypatch.setattr(P.RCODPipeline, "_cuda_graph_device", lambda self: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    pipe, _, z, tokens = _conditioned("rcod_o", 4)
+    pipe.use_cuda_graphs()
+    t = torch.tensor([499, 499])
+    pipe.denoise(z, tokens, t)
+    pipe.denoise(z[:1], tokens[:1], t[:1])
+    first, pool = list(pipe._graphs.values()), pipe._graph_pool
+    assert len(first) == 2
+    pipe.model.place("cpu", torch.float64, torch.float32)  # new storage for every weight
+    pipe.model.place("cpu", torch.float32, torch.float32)
+    out = pipe.denoise(z, tokens, t)
+    assert list(pipe._graphs.values()) != first and len(pipe._graphs) == 1 and pipe._graph_pool is not pool
+    assert torch.equal(out, pipe.model.denoise(z, tokens, t))
+    with pytest.raises(ValueError, match="on moved weights"):
+        first[0](z, tokens, t)
