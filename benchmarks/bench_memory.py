@@ -102,8 +102,8 @@ def main() -> int:
     print(f"# {args.family}, tile {tile} (overlap {args.overlap}), budget {args.max_memory or 'free memory'}, "
           f"{'bounded heap, ' if args.bound_heap else ''}{args.device}, one process per size")
     print(f"{'output':>11} | {'MP':>5} | {'time s':>7} | {'peak RSS':>9} | {'after load':>10} | {'run delta':>9} | {'out buffer':>10}")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     for size in (int(s) for s in args.sizes.split(",")):
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
         code = CHILD.format(root=root, threads=args.threads, device=args.device, dtype=dtype, family=args.family, size=size,
                             tile=tile, overlap=args.overlap, budget=budget, bound=args.bound_heap)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

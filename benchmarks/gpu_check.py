@@ -5,7 +5,7 @@ budget. On a machine without CUDA the CUDA sections say so and the capture-hazar
 (on the meta device, full-size configs).
 
     python benchmarks/gpu_check.py --out gpu_out                     # CUDA: SD 2.1-base size, bf16
-    python benchmarks/gpu_check.py --out /tmp/x --device cpu --family tiny   # what runs without CUDA
+    python benchmarks/gpu_check.py --out gpu_check_cpu --device cpu --family tiny   # what runs without CUDA
 
 Each section's result is printed as it finishes and all of them are written to ``OUT/gpu_check.json``;
 a section that fails records its error and the others still run. ``benchmarks/bench_gpu.sh`` runs
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -33,35 +32,19 @@ from rcod_core.capture import CapturedDenoise, capture_hazards  # noqa: E402
 from rcod_core.models import build_models  # noqa: E402
 from rcod_core.spec import ModelSpec  # noqa: E402
 from rcod_core.testing.tiny import tiny_pipeline  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SCALE = 4
-T = 499
+from rcod_core.tools.bench import DTYPES, REALISM as T, SCALE, Meter, build_pipeline  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)
 def rcod_o(family: str, device, dtype):
-    """A random-weight RCOD_O of ``family``'s configs (LoRA merged), as ``rcod bench`` builds it; built
-    once and shared by the sections (each leaves it as it found it)."""
-    if family == "tiny":
-        return tiny_pipeline("rcod_o", seed=0, device=device, dtype=dtype)
-    return assemble(build_models(family, seed=0, device="cpu"), ModelSpec.for_kind("rcod_o"), device=device,
-                    dtype=dtype, lora_generator=torch.Generator().manual_seed(1))
+    """The random-weight RCOD_O that ``rcod bench`` measures (LoRA merged); built once and shared by
+    the sections (each leaves it as it found it)."""
+    return build_pipeline(family, merge=True, device=device, dtype=dtype, seed=0)
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median synchronised wall time of ``fn`` in ms, timed as ``rcod bench`` times its stages."""
+    return Meter(device, repeats, warmup, cudagraph_steps=False).measure(fn)["median_ms"]
 
 
 def needs_cuda(device: torch.device) -> None:

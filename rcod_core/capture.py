@@ -85,6 +85,11 @@ def capture_hazards(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[
     return out, mode.hazards
 
 
+def _unet_slot(model: "RCODModel"):
+    """The guided LoRA's matrix slot the UNet reads (RCOD_S / S3Diff), or None."""
+    return model.conditioning.unet_slot if model.conditioning is not None else None
+
+
 class CapturedDenoise:
     """The one-step denoise (ε_θ and Eq. 3/4) for one input shape, captured once as one CUDA graph
     and replayed: no per-kernel launch cost, no host work between the UNet's kernels.
@@ -107,7 +112,7 @@ class CapturedDenoise:
         self.z = z_l.detach().to(device).clone()
         self.tokens = tokens.detach().to(device).clone()
         self.t = timesteps.detach().to(device, torch.int64).reshape(-1).clone()
-        slot = model.conditioning.unet_slot if model.conditioning is not None else None
+        slot = _unet_slot(model)
         if slot is not None and slot.matrices is None:
             raise ValueError(f"a {model.spec.kind} model needs its degradation conditioning before capture (model.condition)")
         self.slot = slot
@@ -121,7 +126,7 @@ class CapturedDenoise:
         """What a capture is valid for, as (inputs, weights): the inputs' shapes and dtypes, the x0
         mode and, for the guided LoRA, the selected matrices' shape; the UNet object and where its
         weights are (a move or a cast makes new storage)."""
-        slot = model.conditioning.unet_slot if model.conditioning is not None else None
+        slot = _unet_slot(model)
         m = None if slot is None or slot.matrices is None else (tuple(slot.matrices.shape), slot.matrices.dtype)
         weights = next(model.unet.parameters())
         inputs = (tuple(z_l.shape), z_l.dtype, tuple(tokens.shape), tokens.dtype, timesteps.numel(), x0_mode, m)
