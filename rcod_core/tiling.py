@@ -90,6 +90,18 @@ def owned_boxes(h: int, w: int, tile: int, overlap: int) -> dict[Box, Box]:
 
 
 # -- weights ---------------------------------------------------------------------------------------
+def gaussian_axis(n: int, sigma_scale: float = DEFAULT_SIGMA_SCALE) -> torch.Tensor:
+    """1-D blend weights (n,), float64: ``exp(−(x − m)² / n² / (2 var)) / sqrt(2π var)`` with
+    ``m = (n − 1)/2`` and ``var = sigma_scale²``; :func:`gaussian_weights` is the outer product of two."""
+    if n < 1:
+        raise ValueError(f"tile size must be positive, got {n}")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
+    var = float(sigma_scale) ** 2
+    x = torch.arange(n, dtype=torch.float64)
+    return torch.exp(-((x - (n - 1) / 2) ** 2) / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
 def gaussian_weights(
     th: int,
     tw: int,
@@ -107,16 +119,7 @@ def gaussian_weights(
     """
     if th < 1 or tw < 1:
         raise ValueError(f"tile size must be positive, got ({th}, {tw})")
-    if not sigma_scale > 0:
-        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
-    var = float(sigma_scale) ** 2
-
-    def axis(n: int) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float64)
-        mid = (n - 1) / 2
-        return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
-
-    return torch.outer(axis(th), axis(tw)).to(device=device, dtype=dtype)
+    return torch.outer(gaussian_axis(th, sigma_scale), gaussian_axis(tw, sigma_scale)).to(device=device, dtype=dtype)
 
 
 # -- blending engine -------------------------------------------------------------------------------
@@ -127,6 +130,14 @@ def _scaled(v: int, scale: Fraction, what: str) -> int:
     return int(s)
 
 
+def _axis_sums(spans: Sequence[tuple[int, int]], length: int, axis: torch.Tensor) -> torch.Tensor:
+    """Σ of the 1-D weights ``axis`` placed at each span (start, end) of a side of ``length``, float64."""
+    total = torch.zeros(length, dtype=torch.float64)
+    for a, b in spans:
+        total[a:b] += axis
+    return total
+
+
 def blend_tiles(
     fn: TileFn,
     image: torch.Tensor,
@@ -135,16 +146,30 @@ def blend_tiles(
     batch_tiles: int,
     ticker: Progress,
     sigma_scale: float,
+    out_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """Run ``fn`` on the tiles of one image (1, C, H, W) in batches and blend → (1, C', H·s, W·s)."""
+    """Run ``fn`` on the tiles of one image (1, C, H, W) in batches and blend → (1, C', H·s, W·s).
+
+    The only full-size buffer is the float32 accumulator, which becomes the output in place. On a
+    grid of tiles (:func:`tile_grid`: every row span meets every column span) the weight sum is the
+    product of one sum per row and one per column (the weights are outer products), so it costs two
+    vectors instead of a second image. ``out_dtype``: the result's dtype (default: what ``fn``
+    returns; float32 returns the accumulator itself, with no copy). ``channels_last``: the
+    accumulator in NHWC order, so an (H, W, C) view of the result is contiguous."""
     H, W = image.shape[-2:]
     out_h, out_w = _scaled(H, scale, "height"), _scaled(W, scale, "width")
     acc: Optional[torch.Tensor] = None
-    wsum = torch.zeros(out_h, out_w, device=image.device, dtype=torch.float32)
     y0, y1, x0, x1 = boxes[0]
     th, tw = _scaled(y1 - y0, scale, "tile height"), _scaled(x1 - x0, scale, "tile width")
-    weights = gaussian_weights(th, tw, sigma_scale, device=image.device)
-    out_dtype = image.dtype
+    wy, wx = gaussian_axis(th, sigma_scale), gaussian_axis(tw, sigma_scale)
+    weights = torch.outer(wy, wx).to(device=image.device, dtype=torch.float32)
+    out_boxes = [tuple(_scaled(v, scale, "tile offset") for v in box) for box in boxes]
+    rows, cols = sorted({b[:2] for b in out_boxes}), sorted({b[2:] for b in out_boxes})
+    separable = len(set(out_boxes)) == len(out_boxes) == len(rows) * len(cols)
+    wsum: Optional[torch.Tensor] = None
+    if not separable:  # boxes that are not a grid: one weight sum per pixel
+        wsum = torch.zeros(out_h, out_w, device=image.device, dtype=torch.float32)
     for i in range(0, len(boxes), batch_tiles):
         ticker.check()
         chunk = boxes[i : i + batch_tiles]
@@ -156,14 +181,22 @@ def blend_tiles(
                 f"got {tuple(result.shape)}"
             )
         if acc is None:
-            acc = torch.zeros(result.shape[1], out_h, out_w, device=image.device, dtype=torch.float32)
-            out_dtype = result.dtype
-        for tile_out, (a, b, c, d) in zip(result, chunk):
-            a, b, c, d = (_scaled(v, scale, "tile offset") for v in (a, b, c, d))
-            acc[:, a:b, c:d] += tile_out.float() * weights
-            wsum[a:b, c:d] += weights
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            acc = torch.empty((1, result.shape[1], out_h, out_w), device=image.device, dtype=torch.float32,
+                              memory_format=fmt).zero_()
+            out_dtype = out_dtype or result.dtype
+        for tile_out, (a, b, c, d) in zip(result, out_boxes[i : i + batch_tiles]):
+            acc[0, :, a:b, c:d] += tile_out.float() * weights
+            if wsum is not None:
+                wsum[a:b, c:d] += weights
+        del result, tiles
         ticker.advance(len(chunk))
-    return acc.div_(wsum)[None].to(out_dtype)  # in place: the accumulator is the output (no second full-size buffer)
+    if wsum is not None:
+        acc.div_(wsum)
+    else:  # in place, row sums then column sums: no full-size temporary
+        acc.div_(_axis_sums(rows, out_h, wy).to(acc.device, torch.float32)[:, None])
+        acc.div_(_axis_sums(cols, out_w, wx).to(acc.device, torch.float32))
+    return acc.to(out_dtype)
 
 
 def _tiled(
@@ -198,7 +231,9 @@ def stack_samples(results: Iterable[torch.Tensor], count: int) -> torch.Tensor:
         raise ValueError("stack_samples got no results")
     if count == 1:
         return first
-    buf = first.new_empty((count, *first.shape[1:]))
+    nhwc = first.ndim == 4 and first.shape[1] > 1 and first.is_contiguous(memory_format=torch.channels_last)
+    buf = torch.empty((count, *first.shape[1:]), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # the samples' layout
     buf[:1] = first
     del first
     for i, r in enumerate(results, 1):

@@ -256,6 +256,8 @@ def _run_vae_tiled(
     progress: ProgressFn,
     cancel: CancelFn,
     sigma_scale: float,
+    out_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     if norm_stats not in NORM_STATS:
         raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
@@ -279,7 +281,8 @@ def _run_vae_tiled(
             stats = exact_groupnorm_stats(part, run, image, tile, overlap, batch_tiles, tick)
         ctx = frozen_groupnorm(part, stats) if stats else contextlib.nullcontext()
         with ctx:
-            return blend_tiles(lambda t, _boxes: run(t), image, boxes, scale, batch_tiles, ticker, sigma_scale)
+            return blend_tiles(lambda t, _boxes: run(t), image, boxes, scale, batch_tiles, ticker, sigma_scale,
+                               out_dtype, channels_last)
 
     return stack_samples((one(b) for b in range(B)), B)
 
@@ -319,9 +322,14 @@ def tiled_encode(
     with_std: bool = False,
     global_mid: bool = True,
     sigma_scale: float = DEFAULT_SIGMA_SCALE,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Encode images ``x`` (B, 3, H, W) in [-1, 1] tile by tile → the latent distribution's mean
     (= mode), unscaled (no ``scaling_factor``), (B, C, H/f, W/f).
+
+    ``transform``: applied to each tile (and to the downscaled copy the GroupNorm statistics come
+    from) just before the encoder, e.g. float [0, 1] → the VAE's dtype in [-1, 1]; ``x`` is then in
+    the range and dtype ``transform`` expects, and the full-size encoder input is never made.
 
     H, W, ``tile_px`` and ``overlap_px`` must be multiples of the VAE factor f (8 for SD).
     With ``global_mid`` (default) only the full-resolution part (``conv_in`` + down blocks) runs in
@@ -341,9 +349,10 @@ def tiled_encode(
         raise ValueError(f"x must be (B, C, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")
     enc = vae.encoder
     quant = getattr(vae, "quant_conv", None) or nn.Identity()
+    prep = transform or (lambda t: t)
 
     def head(t: torch.Tensor) -> torch.Tensor:
-        t = enc.conv_in(t)
+        t = enc.conv_in(prep(t))
         for block in enc.down_blocks:
             t = block(t)
         return t
@@ -359,7 +368,7 @@ def tiled_encode(
     if H <= tile_px and W <= tile_px:
         ticker = Progress(progress, cancel, x.shape[0])
         ticker.check()
-        moments = quant(enc(x))
+        moments = quant(enc(prep(x)))
         ticker.advance(x.shape[0])
     elif global_mid:
         part = nn.ModuleList([enc.conv_in, *enc.down_blocks])
@@ -367,7 +376,7 @@ def tiled_encode(
                                   norm_stats, batch_tiles, progress, cancel, sigma_scale)
         moments = tail(features)
     else:
-        moments = _run_vae_tiled(enc, lambda t: quant(enc(t)), x, tile_px, overlap_px, Fraction(1, f), downscale,
+        moments = _run_vae_tiled(enc, lambda t: quant(enc(prep(t))), x, tile_px, overlap_px, Fraction(1, f), downscale,
                                  norm_stats, batch_tiles, progress, cancel, sigma_scale)
     mean, logvar = moments.chunk(2, dim=1)
     if with_std:
@@ -396,7 +405,9 @@ def tiled_decode(
     blocks and ``conv_out`` (where the memory goes) run in tiles of ``tile_latent`` latent pixels
     overlapping by ``overlap_latent``, blended in pixel space with Gaussian weights.
     ``global_mid=False`` tiles the whole decoder. GroupNorm statistics per ``norm_stats`` (module
-    docstring). A latent that fits one tile is decoded once, untiled (exact).
+    docstring). A latent that fits one tile is decoded once, untiled (exact), in the decoder's
+    dtype; tiled, the result is the float32 blend itself (no copy in a lower precision), stored in
+    NHWC order so that an (H, W, C) view of it is contiguous.
     """
     _check_vae(vae)
     f = vae_factor(vae)
@@ -425,6 +436,6 @@ def tiled_decode(
         features = dec.mid_block(dec.conv_in(post_quant(z)), None)
         part = nn.ModuleList([*dec.up_blocks, dec.conv_norm_out])
         return _run_vae_tiled(part, tail, features, tile_latent, overlap_latent, Fraction(f), downscale,
-                              norm_stats, batch_tiles, progress, cancel, sigma_scale)
+                              norm_stats, batch_tiles, progress, cancel, sigma_scale, torch.float32, True)
     return _run_vae_tiled(dec, lambda t: dec(post_quant(t)), z, tile_latent, overlap_latent, Fraction(f), downscale,
-                          norm_stats, batch_tiles, progress, cancel, sigma_scale)
+                          norm_stats, batch_tiles, progress, cancel, sigma_scale, torch.float32, True)

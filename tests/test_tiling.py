@@ -97,6 +97,46 @@ def test_progress_and_cancel():
                     progress=lambda d, n: reports.append((d, n)))
 
 
+def _reference_blend(fn, x, tile, overlap):
+    """Σ_k w_k f_k / Σ_k w_k with a per-pixel weight map, tile by tile in float64 (no separability)."""
+    h, w = x.shape[-2:]
+    boxes = tile_grid(h, w, tile, overlap)
+    acc = torch.zeros(x.shape[0], 3, h, w, dtype=torch.float64)
+    wsum = torch.zeros(h, w, dtype=torch.float64)
+    y0, y1, x0, x1 = boxes[0]
+    wts = gaussian_weights(y1 - y0, x1 - x0, dtype=torch.float64)
+    for a, b, c, d in boxes:
+        acc[..., a:b, c:d] += fn(x[..., a:b, c:d], [(a, b, c, d)] * x.shape[0]).double() * wts
+        wsum[a:b, c:d] += wts
+    return acc / wsum
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(37, 53, 16, 6), (64, 40, 24, 8)])
+def test_tiled_blend_of_a_non_pointwise_fn_matches_a_per_pixel_weight_sum(h, w, tile, overlap):
+    # the blend divides by one weight sum per row and one per column: equal to Σ w per pixel on a grid
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+    def fn(tiles, boxes):  # depends on the whole tile: each tile's result differs where tiles overlap
+        return tiles - tiles.mean(dim=(-2, -1), keepdim=True) + tiles.flip(-1) * 0.5
+
+    out = tiled_apply(fn, x, tile, overlap, batch_tiles=3)
+    ref = _reference_blend(fn, x, tile, overlap)
+    assert out.dtype == torch.float32 and (out.double() - ref).abs().max() < 1e-5
+    assert (out - fn(x, None)).abs().max() > 0.1  # the tiles really disagree: the blend is what is tested
+
+
+def test_blend_of_boxes_off_a_grid_still_normalises():
+    # boxes that are not a product of row and column spans take the per-pixel weight sum
+    from fractions import Fraction
+
+    from rcod_core.progress import Progress
+
+    x = torch.full((1, 1, 20, 20), 3.0)
+    boxes = [(0, 12, 0, 12), (8, 20, 8, 20), (0, 12, 8, 20), (8, 20, 0, 12), (4, 16, 4, 16)]
+    out = tiling.blend_tiles(lambda t, b: t, x, boxes, Fraction(1), 2, Progress(None, None, 5), 0.1)
+    assert torch.allclose(out, x)
+
+
 def test_fn_with_wrong_size_is_an_error():
     with pytest.raises(ValueError, match="fn must return"):
         tiled_apply(lambda t, b: t[..., :-1], torch.randn(1, 4, 40, 40), 16, 4)
@@ -188,6 +228,33 @@ def test_tiled_encode(vae):
     assert torch.equal(whole, dist.mean)
     with pytest.raises(ValueError, match="multiples"):
         tiled_encode(vae, x, tile_px=60, overlap_px=16)
+
+
+def test_tiled_decode_is_float32_nhwc_and_encode_transform_streams(vae):
+    # tiled: the float32 blend itself, (H, W, C)-contiguous, also from a bf16 decoder
+    import copy
+
+    z = _latent(32, seed=4)
+    half = copy.deepcopy(vae).to(torch.bfloat16)
+    out = tiled_decode(half, z.to(torch.bfloat16), tile_latent=16, overlap_latent=4)
+    assert out.dtype == torch.float32 and out.permute(0, 2, 3, 1).is_contiguous()
+    ref = tiled_decode(vae, z, tile_latent=16, overlap_latent=4)
+    assert (out - ref).abs().mean() < 0.05  # bf16 vs fp32 decoder, same blend
+    # encode: [0, 1] images with a per-tile transform == the transformed image encoded
+    g = torch.Generator().manual_seed(5)
+    img = F.interpolate(torch.rand(1, 3, 12, 12, generator=g), size=(128, 128), mode="bicubic").clamp(0, 1)
+    seen = []
+
+    def transform(t):
+        seen.append(tuple(t.shape))
+        return t * 2 - 1
+
+    streamed = tiled_encode(vae, img, tile_px=64, overlap_px=32, transform=transform)
+    whole = tiled_encode(vae, img * 2 - 1, tile_px=64, overlap_px=32)
+    assert (streamed - whole).abs().max() < 1e-4
+    assert max(s[-1] for s in seen) <= 64  # only tiles (and the downscaled statistics input) were transformed
+    untiled = tiled_encode(vae, img, tile_px=128, overlap_px=32, transform=transform)
+    assert torch.equal(untiled, tiled_encode(vae, img * 2 - 1, tile_px=128, overlap_px=32))
 
 
 def test_vae_left_unmodified_after_cancel(vae):
