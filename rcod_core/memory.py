@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from .colour import in_place_fix_bytes
+
 if TYPE_CHECKING:
     from .memprobe import StageCosts
 
@@ -47,10 +49,11 @@ OVERLAP_FRACTION = 1 / 3
 #: CPU budget when the free RAM cannot be read
 CPU_FALLBACK_BUDGET = 16 * 2**30
 #: full-size float32 buffers alive beside the tiles, bytes per output pixel (the pipeline's own):
-#: encode — the upscaled LR and the VAE input (3 channels each); decode — the output accumulator
-#: (3) and its weight sum (1); plus the upscaled LR (3) while decoding when a colour fix needs it
-ENCODE_BUFFER_BYTES_PER_PX = 24
-DECODE_BUFFER_BYTES_PER_PX = 16
+#: encode — the upscaled LR (3 channels; the VAE's input is made tile by tile from it); decode —
+#: the output accumulator (3; its weight sums are one vector per side), plus the upscaled LR (3)
+#: while decoding when a colour fix needs it
+ENCODE_BUFFER_BYTES_PER_PX = 12
+DECODE_BUFFER_BYTES_PER_PX = 12
 REFERENCE_BYTES_PER_PX = 12
 #: UNet tiles run together in one batch (the pipeline's tiled UNet pass)
 UNET_BATCH_TILES = 4
@@ -180,7 +183,8 @@ def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, la
     the tiled call runs once on the whole latent, and the full-size buffers beside them — fits.
     Where even the smallest tiles do not fit beside the whole-latent VAE mid block, the mid block
     runs inside the tiles (``vae_global_mid=False``): memory then stays bounded for any size.
-    ``reference``: the upscaled LR stays alive for a colour fix. A budget below what the smallest
+    ``reference``: the upscaled LR stays alive for a colour fix, which then runs in place on the
+    output in strips (:func:`~rcod_core.colour.in_place_fix_bytes`). A budget below what the smallest
     tiles and the full-size buffers need gets those smallest tiles and a ``RuntimeWarning``."""
     from .tiling import tile_grid
 
@@ -218,6 +222,8 @@ def plan_from_costs(out_h: int, out_w: int, costs: "StageCosts", budget: int, la
     dec = _fit_tile(lh, lw, costs.decode(px) + (upscaled_lr if reference else 0), lambda t: dec_tile(t, g_dec), b)
     enc = _fit_tile(lh, lw, costs.encode(px) + upscaled_lr, lambda t: enc_tile(t, g_enc), b)
     least = max(dec_tile(m, g_dec), enc_tile(m, g_enc), unet_tile(m))
+    if reference:  # the colour fix, after the decode: output, upscaled LR and its strips
+        least = max(least, dec_buffers + in_place_fix_bytes(out_w))
     if least > b:
         warnings.warn(f"a memory budget of {budget / 2**20:.0f} MB cannot hold a {out_w}x{out_h} output: the "
                       f"smallest tiles and the full-size buffers need about {least / MEASURED_MARGIN / 2**20:.0f} MB; "

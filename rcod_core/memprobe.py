@@ -104,7 +104,9 @@ class StageCosts:
     ``unet``: one UNet pass, per latent pixel. ``encode`` / ``decode``: the whole VAE encoder /
     decoder, per image pixel (their full-resolution part is what runs in tiles). ``encode_global`` /
     ``decode_global``: the part that tiled VAE calls run once on the whole latent (the mid block with
-    its self-attention, and the convolutions around it), per latent pixel.
+    its self-attention, and the convolutions around it), per latent pixel. The encoder's includes
+    the blended features that part starts from: their float32 accumulator while the tiles run, then
+    its copy in the VAE's dtype (alive through the mid block).
     """
 
     unet: LinearCost
@@ -142,7 +144,9 @@ def measure_stage_costs(pipe, sides: tuple[int, int] = PROBE_LATENT_SIDES) -> St
         points["encode"].append((px, peak_bytes(lambda: model.encode(image))))
         points["unet"].append((lat, peak_bytes(lambda: model.denoise(z, tokens, t))))
         points["decode"].append((px, peak_bytes(lambda: model.decode(z))))
-        points["eg"].append((lat, peak_bytes(lambda: enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(feats)))))))
+        tail = peak_bytes(lambda: enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(feats)))))
+        blended = feats.numel() * 4  # the float32 accumulator, alive until its copy in feats' dtype is made
+        points["eg"].append((lat, feats.numel() * feats.element_size() + max(blended, tail)))
         points["dg"].append((lat, peak_bytes(lambda: dec.mid_block(dec.conv_in(post_quant(z_vae)), None))))
     fit = {k: LinearCost.fit(v) for k, v in points.items()}
     return StageCosts(fit["unet"], fit["encode"], fit["decode"], fit["eg"], fit["dg"])

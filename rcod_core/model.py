@@ -76,6 +76,15 @@ def posterior_latent(
     return scale_latent(vae, mean)
 
 
+def vae_input(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] → the VAE encoder's input: [-1, 1] on its device, in its dtype (a new tensor;
+    ``images`` is never changed). The tiled encoder applies it tile by tile."""
+    param = next(vae.parameters())
+    x = images.to(param.device, param.dtype)
+    x = x.mul(2.0) if x is images else x.mul_(2.0)  # a cast is already a copy: scale it in place
+    return x.sub_(1.0)
+
+
 def encode_latent(
     vae: nn.Module,
     images: torch.Tensor,
@@ -88,9 +97,7 @@ def encode_latent(
     The same function encodes for the model (``z_L``), for LDG's M_L with the frozen base VAE
     (training, ``scan-metric``, MEM targets) and for the tiled encoder's blended moments.
     """
-    param = next(vae.parameters())
-    x = images.to(param.device, param.dtype) * 2.0 - 1.0
-    dist = vae.encode(x).latent_dist
+    dist = vae.encode(vae_input(vae, images)).latent_dist
     return posterior_latent(vae, dist.mean, dist.std, latent, generator, noise)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -30,7 +31,7 @@ from .grouping import GroupingRule, latent_metric, resolve_realism, select_times
 from .imageops import MAX_SCALE, Resampler, output_size, pad_to_multiple, resize, to_unit_range, validate_images
 from .memory import SAFETY, UNET_BATCH_TILES, TilePlan, choose_tile, free_memory, plan_from_costs
 from .memprobe import StageCosts, measure_stage_costs
-from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent
+from .model import LATENT_MODES, LatentMode, RCODModel, posterior_latent, vae_input
 from .progress import CancelFn, Progress, ProgressFn
 from .release import PROCESSINGS, Processing, release_input, release_output, release_timestep, uint8_to_float
 from .realism import blend_levels, feathered_mask_t_map, gaussian_blur, level_weights, metric_map, prepare_map
@@ -427,9 +428,8 @@ class RCODPipeline:
         latents = []
         for i in range(padded.shape[0]):
             self.select_sample(state, i)
-            x = padded[i : i + 1].to(self.device, self.vae_dtype).mul(2.0).sub_(1.0)  # one buffer, not two
-            mean, std = tiled_encode(self.vae, x, plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
-                                     global_mid=plan.vae_global_mid,
+            mean, std = tiled_encode(self.vae, padded[i : i + 1], plan.vae_encode_tile_px, plan.vae_encode_overlap_px,
+                                     global_mid=plan.vae_global_mid, transform=functools.partial(vae_input, self.vae),
                                      progress=tracker.stage(), cancel=tracker.cancel, with_std=True)
             latents.append(self.model._record("z_l", posterior_latent(
                 self.vae, mean, std, latent, generator, None if noise is None else noise[i : i + 1])))
@@ -507,7 +507,7 @@ class RCODPipeline:
         out = self._decode_planned(z_h, prepared.plan, prepared.tracker)
         out = out[..., :out_h, :out_w]
         if prepared.color_fix != "none":
-            out = apply_color_fix(out, prepared.lr_up, prepared.color_fix)
+            out = apply_color_fix(out, prepared.lr_up, prepared.color_fix, in_place=True)  # no full-size temporaries
         return out
 
     @torch.no_grad()

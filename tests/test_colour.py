@@ -47,3 +47,39 @@ def test_none_is_identity_and_bad_mode():
         color_fix(target, source, "histogram")
     with pytest.raises(ValueError, match="levels"):
         wavelet_decomposition(target, levels=0)
+
+
+@pytest.mark.parametrize("rows", [32, 45, 200])
+def test_in_place_fixes_equal_the_whole_image_ones(rows):
+    # strips of `rows` rows (200: one strip) with the blurs' 31-row reach as context: the same result
+    target, source = _images((2, 3, 150, 37), seed=4), _images((2, 3, 150, 37), seed=5)
+    whole = wavelet_color_fix(target, source)
+    strips = target.clone()
+    assert wavelet_color_fix(strips, source, in_place=True, strip_rows=rows) is strips
+    assert (strips - whole).abs().max() < 1e-6
+    wrong_margin = target.clone()
+    from rcod_core import colour
+
+    for y0 in range(0, 150, rows):  # strips without context: visibly different near their edges
+        wrong_margin[..., y0 : y0 + rows, :] = colour._wavelet_mix(target[..., y0 : y0 + rows, :],
+                                                                   source[..., y0 : y0 + rows, :], 5)
+    assert rows >= 150 or (wrong_margin - whole).abs().max() > 1e-3
+    adain = target.clone()
+    assert torch.equal(color_fix(adain, source, "adain", in_place=True), adain_color_fix(target, source))
+    with pytest.raises(ValueError, match="strip_rows"):
+        wavelet_color_fix(target.clone(), source, in_place=True, strip_rows=31)
+
+
+def test_in_place_wavelet_with_its_own_source_and_memory_flat_in_height():
+    from rcod_core.memprobe import peak_bytes
+
+    image = _images((1, 3, 400, 64), seed=6)
+    expected = wavelet_color_fix(image, image)
+    same = image.clone()
+    assert (wavelet_color_fix(same, same, in_place=True, strip_rows=64) - expected).abs().max() < 1e-6
+    peaks = {}
+    for h in (400, 1600):
+        target, source = _images((1, 3, h, 64), seed=7), _images((1, 3, h, 64), seed=8)
+        peaks[h] = peak_bytes(lambda: wavelet_color_fix(target, source, in_place=True, strip_rows=64))
+        assert peak_bytes(lambda: wavelet_color_fix(target, source)) > 4 * target.numel() * 4
+    assert peaks[1600] == peaks[400]  # strip-sized temporaries only: the same for a 4x taller image
