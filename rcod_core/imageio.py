@@ -227,14 +227,23 @@ def load_image(path: PathLike) -> LoadedImage:
 
 
 # -- saving ----------------------------------------------------------------------------------------
+#: elements converted at once by :func:`to_uint` (a 32 MiB float64 strip)
+STRIP_ELEMENTS = 1 << 22
+
+
 def to_uint(images: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
     """(C, H, W) float in [0, 1] → (H, W, C) unsigned integers, rounded (not truncated)."""
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     scale = 255.0 if bit_depth == 8 else 65535.0
     dtype = np.uint8 if bit_depth == 8 else np.uint16
-    arr = (images.detach().double().clamp(0, 1) * scale).round().permute(1, 2, 0).cpu().numpy()
-    return arr.astype(dtype)
+    c, h, w = images.shape
+    out = np.empty((h, w, c), dtype)
+    rows = max(1, STRIP_ELEMENTS // max(1, w * c))  # in strips: float64 temporaries of a strip, not the image
+    for y in range(0, h, rows):
+        strip = images[:, y : y + rows].detach().to(torch.float64, copy=True).clamp_(0, 1).mul_(scale).round_()
+        out[y : y + rows] = strip.permute(1, 2, 0).cpu().numpy()
+    return out
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

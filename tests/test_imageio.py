@@ -122,3 +122,17 @@ def test_save_refuses_nan_unknown_suffix_and_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         save_image(tmp_path / "x.png", image)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_to_uint_converts_in_strips_without_touching_its_input(monkeypatch):
+    from rcod_core import imageio
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 37, 23, generator=g, dtype=torch.float64) * 1.2 - 0.1  # out of range on both sides
+    before = img.clone()
+    monkeypatch.setattr(imageio, "STRIP_ELEMENTS", 3 * 23 * 5)  # 5 rows at a time, the last strip 2 rows
+    for bits, scale, dtype in ((8, 255, np.uint8), (16, 65535, np.uint16)):
+        ref = (img.clamp(0, 1) * scale).round().permute(1, 2, 0).numpy().astype(dtype)
+        got = imageio.to_uint(img, bits)
+        assert got.dtype == dtype and got.shape == (37, 23, 3) and np.array_equal(got, ref)
+    assert torch.equal(img, before)  # a float64 input is not clamped in place
