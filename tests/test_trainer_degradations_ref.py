@@ -83,7 +83,6 @@ def test_kernel_statistics_match_reference(ref):
     from trainer.realesrgan import DegradationConfig, random_kernel
 
     c = DegradationConfig()
-    rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
     import random
 
