@@ -107,7 +107,12 @@ def bound_cpu_heap(threshold: int = CPU_HEAP_MMAP_THRESHOLD) -> bool:
     at 1024² with a 200 MB plan the peak RSS grew 446 MB by default, 186 MB with the threshold
     fixed at 4 MB by this call (``mallopt(M_MMAP_THRESHOLD)``, which also stops the raising). The
     cost is a page fault per fresh page of those blocks: that run took 5.3 s instead of 4.2 s.
+    Smaller blocks still come from the heap; from this call on, tiled stages also hand its free
+    pages back after every batch of tiles (:func:`trim_cpu_heap`): on the tiny model at 1024² with
+    a 100 MB budget the peak RSS above the start was 79–106 MB without that and 69–82 MB with it
+    (six runs each; the live tensors peak at 62–66 MB).
     Process-wide and glibc only (a no-op returning False elsewhere)."""
+    global _TRIM
     import ctypes
     import ctypes.util
     import platform
@@ -116,6 +121,20 @@ def bound_cpu_heap(threshold: int = CPU_HEAP_MMAP_THRESHOLD) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        bounded = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
+    if bounded and hasattr(libc, "malloc_trim"):
+        _TRIM = libc.malloc_trim
+    return bounded
+
+
+#: glibc's ``malloc_trim`` once :func:`bound_cpu_heap` has bounded the heap, else None
+_TRIM = None
+
+
+def trim_cpu_heap() -> None:
+    """Return the CPU heap's free pages to the system (``malloc_trim``), where :func:`bound_cpu_heap`
+    was called: between tiles, so the holes earlier tiles left do not add up to resident memory."""
+    if _TRIM is not None:
+        _TRIM(0)

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .devices import trim_cpu_heap
 from .progress import CancelFn, Progress, ProgressFn
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), end exclusive
@@ -190,6 +191,8 @@ def blend_tiles(
             if wsum is not None:
                 wsum[a:b, c:d] += weights
         del result, tiles
+        if image.device.type == "cpu":
+            trim_cpu_heap()  # a no-op unless a CPU memory budget bounded the heap
         ticker.advance(len(chunk))
     if wsum is not None:
         acc.div_(wsum)
