@@ -243,6 +243,14 @@ class RCODModel(nn.Module):
         self.vae.to(memory_format=fmt)
         return self
 
+    def set_subpixel_upsampling(self, enabled: bool) -> "RCODModel":
+        """The VAE decoder's nearest ×2 + 3×3 upsamplers in sub-pixel form (the same function in
+        4/9 of the multiply-adds, :mod:`rcod_core.upsample`) or diffusers' own; weights untouched."""
+        from .upsample import use_subpixel_upsampling  # imports diffusers: only once a model exists
+
+        use_subpixel_upsampling(self.vae.decoder, enabled)
+        return self
+
     def compile(self, mode: str | None = None, **kwargs) -> "RCODModel":
         """``torch.compile`` the UNet, the VAE encoder/decoder and CLIP, in place."""
         self.unet = torch.compile(self.unet, mode=mode, **kwargs)
