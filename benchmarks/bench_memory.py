@@ -3,8 +3,9 @@
 
 Each size runs in a fresh process (so the peak RSS / CUDA peak belongs to that size alone):
 LR = size / 4, x4, ``tile`` latent tiles for every stage (default 64 = 512 px). The goal: peak
-memory flat beyond one tile — a 16 MP output within the peak of a 1 MP one plus the full-size
-buffers (the upscaled LR, the output; each 12 bytes/px in float32).
+memory flat beyond one tile — a 16 MP output within the peak of a 1 MP one plus one full-size
+buffer, the output (12 bytes/px in float32; the upscaled LR that the encoder's tiles are cut from
+is as large and is freed before the decode), and the features of the VAE's whole-latent mid block.
 
     python benchmarks/bench_memory.py --family tiny --sizes 512,1024,2048,4096
     python benchmarks/bench_memory.py --family tiny --tile auto --max-memory 300MB --bound-heap
