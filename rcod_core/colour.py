@@ -56,16 +56,21 @@ STRIP_ELEMENTS = 1 << 20
 STRIP_BUFFERS = 10
 
 
+def blur_reach(levels: int) -> int:
+    """How many pixels away the wavelet decomposition's blurs (dilations 1, 2, …, 2^(levels−1)) see."""
+    return 2**levels - 1
+
+
 def wavelet_strip_rows(width: int, channels: int = 3, levels: int = 5) -> int:
     """Rows per strip of the in-place wavelet fix: :data:`STRIP_ELEMENTS`, and at least twice the
-    blurs' reach of ``2^levels − 1`` rows (so the context is at most as large as the strip)."""
-    return max(2 * (2**levels - 1), STRIP_ELEMENTS // max(1, channels * width))
+    blurs' reach (so the context is at most as large as the strip)."""
+    return max(2 * blur_reach(levels), STRIP_ELEMENTS // max(1, channels * width))
 
 
 def in_place_fix_bytes(width: int, channels: int = 3, levels: int = 5) -> int:
     """The temporaries of ``color_fix(..., in_place=True)`` on images ``width`` pixels wide, at most:
     :data:`STRIP_BUFFERS` float32 strips with their context rows (AdaIN makes none)."""
-    rows = wavelet_strip_rows(width, channels, levels) + 2 * (2**levels - 1)
+    rows = wavelet_strip_rows(width, channels, levels) + 2 * blur_reach(levels)
     return STRIP_BUFFERS * rows * width * channels * 4
 
 
@@ -122,7 +127,7 @@ def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor, levels: int = 
     if source.untyped_storage().data_ptr() == target.untyped_storage().data_ptr():
         source = source.clone()  # the source must not change under the strips written into the target
     h, w = target.shape[-2:]
-    margin = 2**levels - 1
+    margin = blur_reach(levels)
     step = strip_rows or wavelet_strip_rows(w, target.shape[1], levels)
     if not isinstance(step, int) or step <= margin:
         raise ValueError(f"strip_rows must be an integer above the blur's reach of {margin} rows, got {strip_rows!r}")

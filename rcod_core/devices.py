@@ -92,6 +92,13 @@ def prefer_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D tensor stored in NHWC order (and not also plainly contiguous),
+    else the contiguous format: the layout a new tensor should take to match ``t``."""
+    nhwc = t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 #: glibc's ``mallopt`` parameter number of the mmap threshold (malloc.h)
 _M_MMAP_THRESHOLD = -3
 #: allocations from this size on get their own mapping, returned to the system when freed

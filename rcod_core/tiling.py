@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .devices import trim_cpu_heap
+from .devices import memory_format_of, trim_cpu_heap
 from .progress import CancelFn, Progress, ProgressFn
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), end exclusive
@@ -234,9 +234,8 @@ def stack_samples(results: Iterable[torch.Tensor], count: int) -> torch.Tensor:
         raise ValueError("stack_samples got no results")
     if count == 1:
         return first
-    nhwc = first.ndim == 4 and first.shape[1] > 1 and first.is_contiguous(memory_format=torch.channels_last)
     buf = torch.empty((count, *first.shape[1:]), dtype=first.dtype, device=first.device,
-                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # the samples' layout
+                      memory_format=memory_format_of(first))  # the samples' layout
     buf[:1] = first
     del first
     for i, r in enumerate(results, 1):

@@ -9,9 +9,10 @@ offsets (−1, 0) and phase 1 applies ``(w₀ + w₁, w₂)`` to offsets (0, +1)
 window starting at (a, b), interleaved into the output. The same function with 16 instead of 36
 multiply-adds per input pixel and output channel, and no upsampled copy of the input: on a 2-core
 AVX-512 CPU the three SD 2.1 decoder upsamplers ran 1.2–2.0x faster each in bf16 (1.8–2.1x in
-fp32) and the whole decoder at 512² 1.14x (1.17x), ``benchmarks/bench_upsample.py``. The summed taps are made from the convolution's weights at each
-call (in float32, rounded once to the weights' dtype), so they always follow the weights — a
-memory manager's move, a cast or a loaded checkpoint.
+fp32) and the whole decoder at 512² 1.14x (1.17x), ``benchmarks/bench_upsample.py``. The summed
+taps are made from the convolution's weights at each call (in at least float32, rounded once to
+the weights' dtype), so they always follow the weights — a memory manager's move, a cast or a
+loaded checkpoint.
 
 :func:`use_subpixel_upsampling` switches the eligible blocks of a module (plain ``nn.Conv2d``, 3×3,
 stride 1, zero padding 1, no norm, nearest ×2) to this form by class; their parameters and
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
+
+from .devices import memory_format_of
 
 #: the output phases (row parity, column parity) in the order of the fused kernel's channel groups
 PHASES: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -51,9 +54,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out_ch = weight.shape[0]
     y = F.conv2d(x, subpixel_kernel(weight), None if bias is None else bias.repeat(len(PHASES)), padding=1)
     b, _, h, w = x.shape
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty((b, out_ch, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
-                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    out = torch.empty((b, out_ch, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=memory_format_of(x))
     for k, (pa, pb) in enumerate(PHASES):
         out[:, :, pa::2, pb::2] = y[:, k * out_ch : (k + 1) * out_ch, pa : pa + h, pb : pb + w]
     return out
